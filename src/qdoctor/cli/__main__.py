@@ -1,0 +1,5 @@
+import sys
+
+from qdoctor.cli import main
+
+sys.exit(main())

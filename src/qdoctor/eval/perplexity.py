@@ -1,0 +1,91 @@
+"""Perplexity on WikiText-2 (or any text), the GPTQ/SmoothQuant recipe.
+
+The text (test split rows joined with "\\n\\n", see ``calib.text``) is tokenized once and cut
+into non-overlapping windows of ``seqlen`` tokens (the tail shorter than a window is dropped).
+Each window predicts its tokens 2..L from the preceding ones:
+
+    PPL = exp( Σ_windows Σ_{t=2..L} −log p(x_t | x_<t) / (W · (L − 1)) )
+
+For models that need <bos> (Gemma), each window is [bos] + (L − 1) text tokens and the
+L − 1 text tokens are all predicted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from qdoctor.calib.text import text_source
+from qdoctor.errors import QDoctorError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean token negative log-likelihood (nats)
+    n_tokens: int  # predicted tokens
+    n_windows: int
+    total_windows: int  # windows available in the text
+    seqlen: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def token_windows(tokenizer, text: str, seqlen: int, bos_id: int | None = None) -> torch.Tensor:
+    """(W, seqlen) non-overlapping windows of the tokenized text."""
+    if seqlen < 2:
+        raise QDoctorError(f"seqlen must be at least 2, got {seqlen}")
+    if not text or not text.strip():
+        raise QDoctorError("the evaluation text is empty")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    body = seqlen - (1 if bos_id is not None else 0)
+    n = ids.numel() // body
+    if n == 0:
+        raise QDoctorError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+                           "use a smaller --seqlen or a longer text")
+    rows = ids[: n * body].view(n, body)
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), rows], dim=1)
+    return rows
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitext2:test", seqlen: int = 2048,
+               limit: int | None = None, batch_size: int = 1, progress: bool = True,
+               windows: torch.Tensor | None = None, desc: str = "perplexity") -> PerplexityResult:
+    """Perplexity of ``model`` over the first ``limit`` windows (all when None).
+
+    ``windows`` (W, L) may be passed to reuse one tokenization across several models."""
+    from qdoctor.models.registry import arch_for
+
+    if windows is None:
+        arch = arch_for(model)
+        bos = tokenizer.bos_token_id if arch.needs_bos else None
+        windows = token_windows(tokenizer, text if text is not None else text_source(source), seqlen, bos)
+    total = windows.shape[0]
+    if limit is not None:
+        if limit < 1:
+            raise QDoctorError(f"--limit must be at least 1, got {limit}")
+        windows = windows[:limit]
+    device = next(model.parameters()).device
+    nll_sum, count = 0.0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="win", disable=not progress, leave=False)
+    for i in bar:
+        batch = windows[i:i + batch_size].to(device)
+        logits = model(batch, use_cache=False).logits[:, :-1].float()
+        target = batch[:, 1:]
+        nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        count += target.numel()
+        bar.set_postfix(ppl=f"{math.exp(nll_sum / count):.3f}")
+    nll = nll_sum / count
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, n_windows=int(windows.shape[0]),
+                            total_windows=int(total), seqlen=int(windows.shape[1]),
+                            seconds=time.perf_counter() - t0)

@@ -1,0 +1,86 @@
+"""``quantize(model, scheme)``: replace ``nn.Linear`` modules by ``QuantLinear`` per a ``Scheme``.
+
+Every ``nn.Linear`` of the model is visited (so families without a registry entry for some
+projection are still covered), except the scheme's ignore globs (``lm_head`` by default).
+Embeddings are not linear layers and are never quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from qdoctor.errors import QDoctorError
+from qdoctor.quant.linear import QuantLinear
+from qdoctor.quant.spec import LayerScheme, Scheme, get_scheme
+
+
+@dataclass
+class QuantizeResult:
+    scheme: Scheme
+    layers: dict[str, LayerScheme]  # name → scheme actually applied
+    ignored: list[str]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for ls in self.layers.values():
+            out[ls.describe()] = out.get(ls.describe(), 0) + 1
+        return out
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
+             overrides: dict[str, "LayerScheme | dict"] | None = None, progress: bool = True) -> QuantizeResult:
+    """Quantize ``model`` in place.
+
+    scheme: a ``Scheme`` or a named scheme (``qdoctor.quant.spec.NAMED_SCHEMES``).
+    calibration: ``CalibrationStats`` — required when any layer uses static activations;
+        the static scale of layer L is s = observer(stats[L]) / qmax.
+    overrides: extra {glob: LayerScheme or its dict} applied after the scheme's own
+        (e.g. ``{"model.layers.11.mlp.down_proj": {"keep": "bf16"}}``).
+    """
+    scheme = get_scheme(scheme)
+    if overrides:
+        scheme = scheme.with_overrides(
+            {k: v if isinstance(v, LayerScheme) else LayerScheme.from_dict(v) for k, v in overrides.items()})
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise QDoctorError("model is already quantized; call qdoctor.quant.restore(model) first")
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not targets:
+        raise QDoctorError("model has no nn.Linear layers to quantize")
+    applied: dict[str, LayerScheme] = {}
+    ignored: list[str] = []
+    replacements: dict[str, QuantLinear] = {}  # swapped in only once every layer succeeded
+    for name, lin in tqdm(targets, desc=f"quantizing ({scheme.name})", unit="layer", leave=False, disable=not progress):
+        ls = scheme.resolve(name)
+        if ls is None or (ls.keep == "fp32" and lin.weight.dtype == torch.float32):
+            ignored.append(name)
+            continue
+        act_scale = None
+        if ls.needs_calibration:
+            if calibration is None:
+                raise QDoctorError(f"scheme {scheme.name!r} uses static activation scales: calibrate first "
+                                   "(qdoctor.calibrate) and pass calibration=")
+            a = calibration.act_absmax(name, ls.activations.observer)
+            act_scale = torch.tensor(a / ls.activations.qmax if a > 0 else 1.0, dtype=torch.float32)
+        replacements[name] = QuantLinear(lin, ls, act_scale, name=name)
+        applied[name] = ls
+    for name, module in replacements.items():
+        _set_module(model, name, module)
+    return QuantizeResult(scheme=scheme, layers=applied, ignored=ignored)
+
+
+def restore(model: nn.Module) -> int:
+    """Undo ``quantize``: put the original ``nn.Linear`` back everywhere. Returns the count."""
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for n in names:
+        _set_module(model, n, model.get_submodule(n).to_linear())
+    return len(names)

@@ -1,0 +1,51 @@
+"""Quantize-dequantize ("fake quantization") of a tensor under a ``QuantSpec``.
+
+    x̂ = D(Q(x; s), s),  s = absmax_G(x) / qmax   (G = the spec's granularity)
+
+or, for static activations, s is the calibrated per-tensor scale passed in. This is the
+numerical model of W8A8 inference used everywhere on CPU: an integer GEMM with int32
+accumulation followed by rescaling equals x̂ ŵᵀ up to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qdoctor.quant.fp8 import fake_quantize_fp8, quantize_fp8
+from qdoctor.quant.granularity import PerGroup
+from qdoctor.quant.int8 import fake_quantize_int8, quantize_int8
+from qdoctor.quant.scales import absmax, group_view, scale_from_absmax
+from qdoctor.quant.spec import QuantSpec
+
+_FAKE = {"int8": fake_quantize_int8, "fp8": fake_quantize_fp8}
+_QUANT = {"int8": quantize_int8, "fp8": quantize_fp8}
+
+
+def compute_scale(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """s = absmax_G(x) / qmax (shape per ``scales.absmax``)."""
+    return scale_from_absmax(absmax(x, spec.granularity), spec.qmax)
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x̂ in fp32 with x's shape. ``scale`` (e.g. a static activation scale) overrides the
+    scale computed from x."""
+    if scale is None:
+        scale = compute_scale(x, spec)
+    fq = _FAKE[spec.dtype]
+    if isinstance(spec.granularity, PerGroup):
+        xg = group_view(x.float(), spec.granularity.group_size)
+        return fq(xg, scale).reshape(x.shape)
+    return fq(x.float(), scale)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale): int8 or float8_e4m3fn codes with x's shape, fp32 scale.
+
+    For per-group specs the scale has shape (..., K/g) (one per row and group)."""
+    if scale is None:
+        scale = compute_scale(x, spec)
+    q = _QUANT[spec.dtype]
+    if isinstance(spec.granularity, PerGroup):
+        xg = group_view(x.float(), spec.granularity.group_size)
+        return q(xg, scale).reshape(x.shape), scale.squeeze(-1)
+    return q(x.float(), scale), scale
