@@ -25,10 +25,14 @@ class CalibrationConfig:
     source: str = f"wikitext2:{CALIBRATION_SPLIT}"
     seed: int = 0
     batch_size: int = 4
+    sample_rows: int = 0  # token rows kept per layer (for median ranges and output errors)
+    holdout_fraction: float = 0.0  # the text's last fraction is reserved for held-out evaluation
 
     def __post_init__(self):
         if self.n_samples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise QDoctorError("calibration needs n_samples ≥ 1, seqlen ≥ 2 and batch_size ≥ 1")
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise QDoctorError("holdout_fraction must be in [0, 1)")
         if self.source in ("wikitext2:test", "test"):
             raise QDoctorError("calibrating on the WikiText-2 test split would leak the evaluation text; use valid")
 
@@ -49,12 +53,20 @@ class CalibrationStats:
         return self[name].observe(observer)
 
 
+def calibration_token_ids(tokenizer, config: CalibrationConfig, heldout: bool = False) -> torch.Tensor:
+    """The tokenized calibration text: its first (1 − holdout_fraction) for calibration, or
+    (``heldout=True``) its last ``holdout_fraction`` for held-out evaluation."""
+    text = text_source(config.source)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    cut = int(round(ids.numel() * (1.0 - config.holdout_fraction)))
+    return ids[cut:] if heldout else ids[:cut]
+
+
 def calibration_windows(tokenizer, config: CalibrationConfig, bos_id: int | None = None) -> torch.Tensor:
     """(N, L) token windows at seeded random offsets of the tokenized source text.
 
     With ``bos_id`` (models that need <bos>) each window is [bos] + L−1 text tokens."""
-    text = text_source(config.source)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    ids = calibration_token_ids(tokenizer, config)
     body = config.seqlen - (1 if bos_id is not None else 0)
     if ids.numel() < body + 1:
         raise QDoctorError(f"calibration text has {ids.numel()} tokens; need more than {body} for seqlen {config.seqlen}")
@@ -67,9 +79,10 @@ def calibration_windows(tokenizer, config: CalibrationConfig, bos_id: int | None
 
 
 def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names: list[str],
-                         batch_size: int = 4, desc: str = "calibrating") -> dict[str, LinearInputStats]:
+                         batch_size: int = 4, desc: str = "calibrating", sample_rows: int = 0,
+                         seed: int = 0) -> dict[str, LinearInputStats]:
     """Forward ``input_ids`` (N, L) through ``model`` in batches, with pre-hooks that fold each
-    named linear's input into a ``LinearInputStats``."""
+    named linear's input into a ``LinearInputStats`` (keeping ``sample_rows`` sampled rows)."""
     modules = dict(model.named_modules())
     stats: dict[str, LinearInputStats] = {}
     handles = []
@@ -77,7 +90,7 @@ def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names:
         mod = modules.get(name)
         if mod is None:
             raise QDoctorError(f"model has no module {name!r}")
-        stats[name] = LinearInputStats(in_features=mod.in_features)
+        stats[name] = LinearInputStats(in_features=mod.in_features, sample_rows=sample_rows, seed=seed)
 
         def hook(_m, args, _s=stats[name]):
             _s.update(args[0])
@@ -104,5 +117,6 @@ def calibrate(model: nn.Module, tokenizer, config: CalibrationConfig | None = No
     names = layer_names or block_linear_names(model, arch)
     bos = tokenizer.bos_token_id if arch.needs_bos else None
     ids = calibration_windows(tokenizer, config, bos_id=bos)
-    stats = collect_linear_stats(model, ids, names, config.batch_size)
+    stats = collect_linear_stats(model, ids, names, config.batch_size, sample_rows=config.sample_rows,
+                                 seed=config.seed)
     return CalibrationStats(layers=stats, input_ids=ids, config=config)

@@ -4,6 +4,9 @@ Per linear input X (tokens × K channels) we keep, as running reductions (never 
 
 - ``channel_absmax[k] = max_t |X[t, k]|``                       (K floats)
 - ``token_absmax[i, t] = max_k |X_i[t, k]|`` for sample i, position t  (N × L floats)
+- optionally ``rows``: a uniform random sample of at most ``sample_rows`` token rows of X
+  (priority sampling: every row gets a seeded uniform key, the largest keys are kept), for
+  statistics that need values rather than maxima (median ranges, output errors).
 
 Everything the static-scale observers, spike detection and smoothing need derives from these.
 Observers are registered by name (``absmax``, ``percentile``) and map stats → absmax a;
@@ -37,6 +40,11 @@ class LinearInputStats:
     channel_absmax: torch.Tensor = None
     _token_rows: list = field(default_factory=list)
     _token_absmax: torch.Tensor | None = None
+    sample_rows: int = 0
+    seed: int = 0
+    rows: torch.Tensor | None = None  # (≤ sample_rows, K) sampled token rows
+    _row_keys: torch.Tensor | None = None
+    _gen: torch.Generator | None = None
 
     def __post_init__(self):
         if self.channel_absmax is None:
@@ -51,16 +59,52 @@ class LinearInputStats:
         self.channel_absmax = torch.maximum(self.channel_absmax, ax.amax(dim=(0, 1)).cpu())
         self._token_rows.append(ax.amax(dim=-1).cpu())
         self._token_absmax = None
+        if self.sample_rows > 0:
+            self._sample(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+
+    def _sample(self, flat: torch.Tensor) -> None:
+        if self._gen is None:
+            self._gen = torch.Generator().manual_seed(self.seed)
+        keys = torch.rand(flat.shape[0], generator=self._gen)
+        if self.rows is not None:
+            flat = torch.cat([self.rows, flat])
+            keys = torch.cat([self._row_keys, keys])
+        if keys.numel() > self.sample_rows:
+            top = keys.topk(self.sample_rows).indices.sort().values
+            flat, keys = flat[top], keys[top]
+        self.rows, self._row_keys = flat, keys
+
+    def rescale_channels(self, inv_scale: torch.Tensor) -> None:
+        """The statistics of X · diag(inv_scale) (after smoothing divides channel j by S_j):
+        channel absmax and sampled rows are exact; per-token maxima are recomputed from
+        the rows only where possible, so they are marked stale."""
+        inv = inv_scale.float().cpu()
+        self.channel_absmax = self.channel_absmax * inv
+        if self.rows is not None:
+            self.rows = self.rows * inv
+        self._token_rows = []
+        self._token_absmax = None
+        self.stale_tokens = True
+
+    stale_tokens: bool = False
 
     @property
     def token_absmax(self) -> torch.Tensor:
         """(N, L) per-token max |x| over channels."""
+        if self.stale_tokens:
+            raise QDoctorError("per-token statistics are stale after smoothing: recalibrate the smoothed model")
         if self._token_absmax is None:
             if not self._token_rows:
                 raise QDoctorError("no calibration data reached this layer")
             self._token_absmax = torch.cat(self._token_rows, dim=0)
             self._token_rows = [self._token_absmax]
         return self._token_absmax
+
+    def channel_median(self) -> torch.Tensor:
+        """median_t |X[t, j]| per channel j, over the sampled rows."""
+        if self.rows is None:
+            raise QDoctorError("median statistics need sampled rows (calibrate with sample_rows > 0)")
+        return self.rows.abs().median(dim=0).values
 
     @property
     def tensor_absmax(self) -> float:

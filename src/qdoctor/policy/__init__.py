@@ -1,0 +1,1 @@
+"""Policies: evidence per layer, layer selection, recipes and the automatic plan search."""

@@ -1,0 +1,278 @@
+"""Automatic plan search: the cheapest plan that meets a perplexity budget.
+
+Cost order (what a plan "spends"): smoothing is free at inference (folded into weights and
+norms); a per-group layer costs a finer-grained GEMM; a layer kept in FP8/BF16 leaves the
+INT8 path. The search therefore tries, on top of the best plan so far:
+
+1. naive: the target scheme everywhere;
+2. weights — only if some layers show the weight-outlier signature (per-channel INT8 output
+   error > ``weight_error_threshold``): mixed granularity (per-group on those layers) vs
+   bi-smoothing of their producer pairs; keep the better;
+3. activations — SmoothQuant on every pair for each α in ``alphas`` ("auto": α searched per
+   pair on calibration output error, pairs with a kept consumer left alone); keep if better;
+4. spike-aware precision — keep the spikiest layers (by spike ratio) in ``keep`` precision,
+   one at a time, while the budget is missed and fewer than ``max_layer_fraction`` of the
+   layers are out of the default;
+5. prune — drop kept layers (least spiky first) that the budget does not need.
+
+Every plan is scored by perplexity on held-out text: the last ``holdout_fraction`` of the
+calibration source (WikiText-2 valid), disjoint from both the calibration windows and the
+test split. The result says whether the budget was met; it never hides a miss.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from qdoctor.calib.collect import CalibrationConfig, calibrate, calibration_token_ids
+from qdoctor.errors import QDoctorError
+from qdoctor.eval.perplexity import perplexity
+from qdoctor.models.registry import arch_for, block_linear_names
+from qdoctor.policy.evidence import cap, layer_evidence, rank_spikes, rank_weight_outliers
+from qdoctor.policy.recipe import Recipe
+from qdoctor.quant.apply import restore
+from qdoctor.quant.granularity import PerChannel, PerGroup
+from qdoctor.quant.spec import LayerScheme, QuantSpec, Scheme, get_scheme
+from qdoctor.transforms.smoothing import SmoothingStep
+
+TARGET_ALIASES = {"w8a8-tensor-static": "w8a8-tensor-tensor-static", "w8a8-channel-static": "w8a8-channel-tensor-static",
+                  "w8a8-token": "w8a8-channel-token"}
+
+
+def resolve_target(name: str) -> Scheme:
+    return get_scheme(TARGET_ALIASES.get(name, name))
+
+
+@dataclass(frozen=True)
+class FixConfig:
+    target: str = "w8a8-tensor-tensor-static"
+    budget_pct: float = 1.0  # allowed PPL increase over full precision, in percent
+    max_layer_fraction: float = 0.03  # at most this fraction of linear layers kept / per-group
+    weight_error_threshold: float = 0.01  # Qin's 1% per-layer output error
+    spike_min_ratio: float = 20.0  # layers below this spike ratio are never kept
+    group_size: int = 128
+    keep: str = "bf16"  # bf16 | fp16 | fp8
+    alphas: tuple = ("auto", 0.5, 0.8)
+    eval_windows: int = 4
+    eval_seqlen: int = 2048
+    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(sample_rows=512,
+                                                                                     holdout_fraction=0.2))
+
+    def __post_init__(self):
+        if self.budget_pct < 0:
+            raise QDoctorError("the budget must be ≥ 0%")
+        if not 0 <= self.max_layer_fraction <= 1:
+            raise QDoctorError("max_layer_fraction must be in [0, 1]")
+        if self.keep not in ("bf16", "fp16", "fp8"):
+            raise QDoctorError(f"--keep must be bf16, fp16 or fp8, got {self.keep!r}")
+        if self.calibration.holdout_fraction <= 0:
+            raise QDoctorError("the search needs held-out text: calibration.holdout_fraction > 0")
+
+
+@dataclass
+class Plan:
+    smoothing: list[SmoothingStep] = field(default_factory=list)
+    overrides: dict[str, LayerScheme] = field(default_factory=dict)
+    label: str = "naive"
+
+    def kept(self) -> list[str]:
+        return [n for n, ls in self.overrides.items() if ls.keep or (ls.weights and ls.weights.dtype == "fp8")]
+
+    def per_group(self) -> list[str]:
+        return [n for n, ls in self.overrides.items()
+                if ls.weights is not None and isinstance(ls.weights.granularity, PerGroup)]
+
+    def extend(self, label: str, smoothing=(), overrides=None) -> "Plan":
+        o = dict(self.overrides)
+        o.update(overrides or {})
+        return Plan(self.smoothing + list(smoothing), o, label)
+
+
+@dataclass
+class Trial:
+    label: str
+    ppl: float
+    delta_pct: float
+    kept: int
+    per_group: int
+    seconds: float
+    plan: Plan = field(repr=False, default=None)
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "ppl": self.ppl, "delta_pct": self.delta_pct, "kept": self.kept,
+                "per_group": self.per_group, "seconds": round(self.seconds, 1)}
+
+
+@dataclass
+class FixResult:
+    config: FixConfig
+    fp_ppl: float
+    naive: Trial
+    best: Trial
+    met: bool
+    trials: list[Trial]
+    recipe: Recipe
+    evidence: dict
+    total_layers: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {
+            "target": self.config.target, "budget_pct": self.config.budget_pct, "met": self.met,
+            "fp_ppl": self.fp_ppl, "naive_ppl": self.naive.ppl, "planned_ppl": self.best.ppl,
+            "planned_delta_pct": self.best.delta_pct, "naive_delta_pct": self.naive.delta_pct,
+            "layers_total": self.total_layers, "layers_kept": self.best.kept, "layers_per_group": self.best.per_group,
+            "plan": self.best.label, "trials": [t.to_dict() for t in self.trials],
+            "heldout": {"windows": self.config.eval_windows, "seqlen": self.config.eval_seqlen,
+                        "source": f"last {self.config.calibration.holdout_fraction:.0%} of "
+                                  f"{self.config.calibration.source}"},
+            "seconds": round(self.seconds, 1),
+        }
+
+
+def keep_scheme(target: Scheme, keep: str) -> LayerScheme:
+    """The layer scheme of a layer kept out of INT8: bf16/fp16, or FP8 with the target's
+    activation granularity (per-channel FP8 weights)."""
+    if keep in ("bf16", "fp16"):
+        return LayerScheme(keep=keep)
+    a = target.default.activations
+    return LayerScheme(QuantSpec("fp8", PerChannel()),
+                       QuantSpec("fp8", a.granularity, a.dynamic) if a is not None else None)
+
+
+def group_scheme(target: Scheme, group_size: int) -> LayerScheme:
+    return LayerScheme(QuantSpec("int8", PerGroup(group_size)), target.default.activations)
+
+
+class Searcher:
+    """Holds the model, its full-precision snapshot, calibration and held-out windows."""
+
+    def __init__(self, model, tokenizer, config: FixConfig, progress: bool = True):
+        self.model, self.tok, self.config, self.progress = model, tokenizer, config, progress
+        self.target = resolve_target(config.target)
+        arch = arch_for(model)
+        self.names = block_linear_names(model, arch)
+        self.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.stats = calibrate(model, tokenizer, config.calibration, layer_names=self.names)
+        bos = tokenizer.bos_token_id if arch.needs_bos else None
+        held = calibration_token_ids(tokenizer, config.calibration, heldout=True)
+        body = config.eval_seqlen - (1 if bos is not None else 0)
+        n = min(config.eval_windows, held.numel() // body)
+        if n < 1:
+            raise QDoctorError("held-out text is shorter than one evaluation window; lower --eval-seqlen")
+        rows = held[: n * body].view(n, body)
+        if bos is not None:
+            rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], 1)
+        self.windows = rows
+        self.fp_ppl = perplexity(model, tokenizer, windows=self.windows, progress=False).ppl
+        self._fp_cache: dict = {}
+        self.evidence = layer_evidence(model, self.stats, config.group_size)
+
+    def fp_ppl_of(self, windows: torch.Tensor) -> float:
+        key = (windows.data_ptr(), tuple(windows.shape))
+        if key not in self._fp_cache:
+            self._fp_cache[key] = perplexity(self.model, self.tok, windows=windows, progress=False).ppl
+        return self._fp_cache[key]
+
+    def recipe(self, plan: Plan) -> Recipe:
+        scheme = self.target.with_overrides(plan.overrides, name=f"{self.target.name}+{plan.label}")
+        return Recipe(scheme=scheme, smoothing=list(plan.smoothing), calibration=self.config.calibration,
+                      model=getattr(self.model, "qdoctor_source", ""))
+
+    def evaluate(self, plan: Plan, windows: torch.Tensor | None = None) -> Trial:
+        """Apply ``plan`` to the model, score it (held-out windows unless ``windows``), undo it."""
+        t0 = time.perf_counter()
+        windows = self.windows if windows is None else windows
+        stats = copy.deepcopy(self.stats) if plan.smoothing else self.stats
+        try:
+            self.recipe(plan).apply(self.model, self.tok, stats=stats, progress=False)
+            ppl = perplexity(self.model, self.tok, windows=windows, progress=False).ppl
+        finally:
+            restore(self.model)
+            if plan.smoothing:
+                self.model.load_state_dict(self.snapshot)
+        ref = self.fp_ppl if windows is self.windows else self.fp_ppl_of(windows)
+        return Trial(plan.label, ppl, 100.0 * (ppl / ref - 1.0), len(plan.kept()), len(plan.per_group()),
+                     time.perf_counter() - t0, plan)
+
+
+def search(model, tokenizer, config: FixConfig | None = None, progress: bool = True,
+           searcher: Searcher | None = None) -> FixResult:
+    """Run the staged search (module docstring) and return the best plan found."""
+    config = searcher.config if searcher is not None else (config or FixConfig())
+    t_start = time.perf_counter()
+    s = searcher or Searcher(model, tokenizer, config, progress)
+    limit_ppl = s.fp_ppl * (1.0 + config.budget_pct / 100.0)
+    max_layers = int(math.floor(config.max_layer_fraction * len(s.names)))
+    trials: list[Trial] = []
+    bar = tqdm(desc=f"fix ({config.target}, budget {config.budget_pct}%)", unit="plan", disable=not progress,
+               leave=False)
+
+    def run(plan: Plan) -> Trial:
+        t = s.evaluate(plan)
+        trials.append(t)
+        bar.update(1)
+        bar.set_postfix(best=f"{min(x.ppl for x in trials):.3f}", limit=f"{limit_ppl:.3f}")
+        return t
+
+    def meets(t: Trial) -> bool:
+        return t.ppl <= limit_ppl
+
+    naive = best = run(Plan())
+    # 2. weight outliers
+    outliers = cap(rank_weight_outliers(s.evidence, config.weight_error_threshold), len(s.names),
+                   config.max_layer_fraction)
+    if outliers and not meets(best):
+        g = {n: group_scheme(s.target, s.evidence[n].group_size) for n in outliers}
+        mixed = run(best.plan.extend("mixed-granularity", overrides=g))
+        bis = run(best.plan.extend("bi-smoothing", smoothing=[SmoothingStep("bismooth-max", 0.5, tuple(outliers))]))
+        best = min([best, mixed, bis], key=lambda t: t.ppl)
+    # 3. SmoothQuant for the activations
+    if not meets(best):
+        base = best
+        for alpha in config.alphas:
+            t = run(base.plan.extend(f"{base.plan.label}+smoothquant-{alpha}",
+                                     smoothing=[SmoothingStep("smoothquant", alpha)]))
+            if t.ppl < best.ppl:
+                best = t
+    # 4. keep the spikiest layers
+    budget_left = max_layers - len(best.plan.per_group())
+    spikes = [n for n in rank_spikes(s.evidence, config.spike_min_ratio) if n not in best.plan.overrides]
+    keep_ls = keep_scheme(s.target, config.keep)
+    for name in spikes:
+        if meets(best) or len(best.plan.kept()) >= budget_left:
+            break
+        t = run(best.plan.extend(f"{_base_label(best.plan.label)}+keep{len(best.plan.kept()) + 1}-{config.keep}",
+                                 overrides={name: keep_ls}))
+        if t.ppl < best.ppl:
+            best = t
+    # 5. prune kept layers the budget does not need (least spiky first)
+    if meets(best) and best.plan.kept():
+        for name in sorted(best.plan.kept(), key=lambda n: s.evidence[n].spike_ratio):
+            o = {k: v for k, v in best.plan.overrides.items() if k != name}
+            t = run(Plan(best.plan.smoothing, o, f"{_base_label(best.plan.label)}+keep{len(o)}-{config.keep}"))
+            if meets(t):
+                best = t
+    bar.close()
+    recipe = s.recipe(best.plan)
+    recipe.evidence = {n: _why(s.evidence[n]) for n in best.plan.overrides}
+    result = FixResult(config=config, fp_ppl=s.fp_ppl, naive=naive, best=best, met=meets(best), trials=trials,
+                       recipe=recipe, evidence={n: e.to_dict() for n, e in s.evidence.items()},
+                       total_layers=len(s.names), seconds=time.perf_counter() - t_start)
+    recipe.metrics = {k: v for k, v in result.to_dict().items() if k != "trials"}
+    return result
+
+
+def _base_label(label: str) -> str:
+    return label.split("+keep")[0]
+
+
+def _why(e) -> str:
+    return (f"spike ratio {e.spike_ratio:.0f}, input absmax {e.act_absmax:.1f}, "
+            f"per-channel INT8 weight output error {100 * e.out_w_channel:.2f}%")

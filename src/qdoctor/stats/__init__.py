@@ -1,0 +1,1 @@
+"""Statistics: weight outliers, activation spikes and quantization error (pure functions)."""

@@ -1,0 +1,1 @@
+"""Function-preserving transforms: channel-scale folding, smoothing, planted outliers."""
