@@ -70,7 +70,7 @@ def main() -> int:
             Plan([SmoothingStep("bismooth-median", 0.5)], label="bismooth-median"),
             Plan(overrides={n_: keep_scheme(s.target, "bf16") for n_ in spikes}, label="spike-keep-bf16"),
             Plan(overrides={n_: keep_scheme(s.target, "fp8") for n_ in spikes}, label="spike-keep-fp8"),
-            Plan(overrides={n_: group_scheme(s.target, s.evidence[n_].group_size) for n_ in outliers},
+            Plan(overrides={n_: group_scheme(s.target, s.group_size(n_)) for n_ in outliers},
                  label="mixed-granularity"),
         ]
         res = {"fp_ppl": fp, "spike_layers": spikes, "weight_outlier_layers": outliers, "methods": []}

@@ -40,6 +40,23 @@ def group_size_for(k: int, preferred: int = 128) -> int:
     return preferred if k % preferred == 0 else largest_divisor_at_most(k, preferred)
 
 
+GROUP_CANDIDATES = (128, 64, 32, 16)
+
+
+def choose_group_size(x: torch.Tensor, w: torch.Tensor, threshold: float,
+                      candidates: tuple[int, ...] = GROUP_CANDIDATES) -> tuple[int, float]:
+    """(g, error): the coarsest group size among the divisors of K in ``candidates`` whose INT8
+    per-group weight output error on rows x is ≤ threshold; the finest one if none is."""
+    k = w.shape[1]
+    sizes = sorted({g for g in candidates if k % g == 0} or {group_size_for(k, min(candidates))}, reverse=True)
+    err = float("inf")
+    for g in sizes:
+        err = output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
+        if err <= threshold:
+            return g, err
+    return sizes[-1], err
+
+
 def layer_evidence(model, stats, group_size: int = 128) -> dict[str, LayerEvidence]:
     """Evidence for every layer in ``stats`` (needs sampled rows for the output errors)."""
     out: dict[str, LayerEvidence] = {}

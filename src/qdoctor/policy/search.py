@@ -6,7 +6,8 @@ INT8 path. The search therefore tries, on top of the best plan so far:
 
 1. naive: the target scheme everywhere;
 2. weights — only if some layers show the weight-outlier signature (per-channel INT8 output
-   error > ``weight_error_threshold``): mixed granularity (per-group on those layers) vs
+   error > ``weight_error_threshold``): mixed granularity (per-group on those layers, each with
+   the coarsest g in 128/64/32/16 whose output error meets the threshold) vs
    bi-smoothing of their producer pairs; keep the better;
 3. activations — SmoothQuant on every pair for each α in ``alphas`` ("auto": α searched per
    pair on calibration output error, pairs with a kept consumer left alone); keep if better;
@@ -34,7 +35,7 @@ from qdoctor.calib.collect import CalibrationConfig, calibrate, calibration_toke
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import perplexity
 from qdoctor.models.registry import arch_for, block_linear_names
-from qdoctor.policy.evidence import cap, layer_evidence, rank_spikes, rank_weight_outliers
+from qdoctor.policy.evidence import cap, choose_group_size, layer_evidence, rank_spikes, rank_weight_outliers
 from qdoctor.policy.recipe import Recipe
 from qdoctor.quant.apply import restore
 from qdoctor.quant.granularity import PerChannel, PerGroup
@@ -174,6 +175,11 @@ class Searcher:
         self._fp_cache: dict = {}
         self.evidence = layer_evidence(model, self.stats, config.group_size)
 
+    def group_size(self, name: str) -> int:
+        """The coarsest group size that brings ``name``'s weight output error under the threshold."""
+        w = self.model.get_submodule(name).weight
+        return choose_group_size(self.stats[name].rows, w, self.config.weight_error_threshold)[0]
+
     def fp_ppl_of(self, windows: torch.Tensor) -> float:
         key = (windows.data_ptr(), tuple(windows.shape))
         if key not in self._fp_cache:
@@ -229,7 +235,7 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
     outliers = cap(rank_weight_outliers(s.evidence, config.weight_error_threshold), len(s.names),
                    config.max_layer_fraction)
     if outliers and not meets(best):
-        g = {n: group_scheme(s.target, s.evidence[n].group_size) for n in outliers}
+        g = {n: group_scheme(s.target, s.group_size(n)) for n in outliers}
         mixed = run(best.plan.extend("mixed-granularity", overrides=g))
         bis = run(best.plan.extend("bi-smoothing", smoothing=[SmoothingStep("bismooth-max", 0.5, tuple(outliers))]))
         best = min([best, mixed, bis], key=lambda t: t.ppl)
