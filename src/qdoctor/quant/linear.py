@@ -6,15 +6,24 @@ The original weight stays as ``weight`` (for export, transforms and restore); th
 dequantized weight ŵ is cached in fp32 so the forward costs one extra elementwise pass
 over x. Kept layers (``keep: bf16|fp16``) round x and W to that dtype, accumulate in fp32
 and round the output to that dtype, as a half-precision GEMM does.
+
+On CUDA, when ``qdoctor.kernels`` has Triton, the layers that real kernels can run (INT8
+per-channel / per-tensor / per-group weights and FP8 per-channel / per-tensor weights, with
+per-token dynamic or per-tensor static activations) run them instead of the simulation:
+same formula, integer (or FP8) tensor-core GEMM with fused dequantization. Set
+``QDOCTOR_NO_KERNELS=1`` or ``QuantLinear.use_kernels = False`` to force the simulation.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qdoctor.quant.fake import compute_scale, fake_quantize
+from qdoctor.quant.fake import compute_scale, fake_quantize, quantize
+from qdoctor.quant.granularity import PerGroup, PerTensor, PerToken
 from qdoctor.quant.scales import check_finite
 from qdoctor.quant.spec import LayerScheme
 
@@ -22,6 +31,7 @@ _KEEP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.floa
 
 
 class QuantLinear(nn.Module):
+    use_kernels: bool = os.environ.get("QDOCTOR_NO_KERNELS", "") in ("", "0")
     def __init__(self, linear: nn.Linear, scheme: LayerScheme, act_scale: torch.Tensor | None = None, name: str = ""):
         super().__init__()
         self.in_features = linear.in_features
@@ -47,7 +57,50 @@ class QuantLinear(nn.Module):
 
             raise QDoctorError(f"{name}: static activation quantization needs a calibrated scale")
 
+    def kernel_route(self) -> dict | None:
+        """Keyword arguments for ``qdoctor.kernels`` when a real kernel implements this layer."""
+        s = self.scheme
+        if not s.is_quantized or s.activations is None:
+            return None
+        a, w = s.activations, s.weights
+        if isinstance(a.granularity, PerToken) and a.dynamic:
+            act = {"act": "token"}
+        elif isinstance(a.granularity, PerTensor) and not a.dynamic:
+            act = {"act": "tensor", "act_scale": self.input_scale}
+        else:
+            return None
+        if w.dtype == "fp8" and isinstance(w.granularity, PerGroup):
+            return None
+        return {"fp8": w.dtype == "fp8",
+                "group_size": w.granularity.group_size if isinstance(w.granularity, PerGroup) else None, **act}
+
+    def _kernel_forward(self, x: torch.Tensor, route: dict) -> torch.Tensor:
+        from qdoctor import kernels
+
+        if getattr(self, "_codes", None) is None or self._codes[0].device != x.device:
+            q, scale = quantize(self.weight.detach(), self.scheme.weights, self.weight_scale)
+            scale = scale.reshape(scale.shape[0], -1) if route["group_size"] else scale.reshape(-1)
+            if scale.numel() == 1:  # per-tensor weights: the same scale on every row
+                scale = scale.expand(q.shape[0]).contiguous()
+            self._codes = (q.to(x.device), scale.float().to(x.device).contiguous())
+        q, scale = self._codes
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        act_scale = route.get("act_scale")
+        if act_scale is not None:
+            act_scale = act_scale.to(x.device)
+        if route["fp8"]:
+            return kernels.fp8_linear(x, q, scale, act=route["act"], act_scale=act_scale, bias=bias)
+        return kernels.w8a8_linear(x, q, scale, act=route["act"], act_scale=act_scale,
+                                   group_size=route["group_size"], bias=bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.use_kernels:
+            route = self.kernel_route()
+            if route is not None:
+                from qdoctor.kernels import available
+
+                if available():
+                    return self._kernel_forward(x, route)
         out_dtype = x.dtype
         bias = self.bias.float() if self.bias is not None else None
         s = self.scheme
