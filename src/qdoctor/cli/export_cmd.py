@@ -1,0 +1,161 @@
+"""``qdoctor export``: quantize a model and save it as a compressed-tensors checkpoint."""
+
+from __future__ import annotations
+
+import time
+
+from qdoctor.cli.common import (
+    add_calib_args,
+    add_model_args,
+    calib_config,
+    load_model,
+    positive_int,
+    require_parent,
+    say,
+)
+from qdoctor.errors import QDoctorError
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export", help="quantize and save a compressed-tensors checkpoint (transformers, vLLM)",
+        description="Quantize the model with a scheme (or a recipe) and write safetensors shards + config.json "
+                    "with a compressed-tensors quantization_config, the tokenizer and a model card. The output is "
+                    "written to a temporary directory beside --out and renamed into place at the end.")
+    add_model_args(p)
+    plan = p.add_mutually_exclusive_group(required=True)
+    plan.add_argument("--scheme", default=None, help="a named scheme (see `qdoctor models`)")
+    plan.add_argument("--scheme-file", default=None, help="a scheme as JSON/YAML (see docs/schemes.md)")
+    plan.add_argument("--recipe", default=None,
+                      help="a recipe file (smoothing + scheme + calibration, from the treatment work); "
+                           "its calibration settings replace the --calib-* options")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory at --out")
+    p.add_argument("--save-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="dtype of the unquantized tensors (embeddings, norms, lm_head; default: the model's)")
+    p.add_argument("--require-vllm", action="store_true",
+                   help="refuse plans vLLM has no kernel for (e.g. per-group INT8 weights with INT8 activations)")
+    p.add_argument("--card", default=None,
+                   help="JSON/YAML file with evidence and measurements for the model card (see docs/export.md)")
+    p.add_argument("--ppl-windows", type=positive_int, default=None,
+                   help="measure WikiText-2 test perplexity, full precision and quantized, on N windows and put "
+                        "both in the model card (default: no measurement)")
+    p.add_argument("--ppl-seqlen", type=positive_int, default=2048, help="perplexity window (default 2048)")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    add_calib_args(p)
+    p.add_argument("--json", default=None, help="write the export report as JSON to this file")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from qdoctor.export.staging import check_out_dir
+
+    check_out_dir(args.out, args.overwrite)  # before minutes of work
+    require_parent(args.json)
+    plan = _read_plan(args)
+    card = _read_card(args.card) if args.card else {}
+    t0 = time.perf_counter()
+    model, tok = load_model(args)
+    ppl = {}
+    if args.ppl_windows:
+        ppl["full_precision"] = _ppl(model, tok, args, "full precision")
+    result, calib_note = _quantize(model, tok, plan, args)
+    if args.ppl_windows:
+        ppl[result.scheme.name] = _ppl(model, tok, args, result.scheme.name)
+        ppl.update({"windows": args.ppl_windows, "seqlen": args.ppl_seqlen, "text": "wikitext2:test"})
+    card = _merge_card(card, plan, ppl, calib_note)
+    from qdoctor.export import export_checkpoint
+
+    say(f"exporting to {args.out} …")
+    report = export_checkpoint(model, tok, args.out, overwrite=args.overwrite, card=card, dtype=args.save_dtype,
+                               require_vllm=args.require_vllm, max_shard_size=args.max_shard_size)
+    for line in report.summary_lines():
+        print(line)
+    if args.json:
+        from qdoctor.io import atomic_write_json
+
+        atomic_write_json(args.json, {**report.to_dict(), "model": args.model,
+                                      "wall_seconds": round(time.perf_counter() - t0, 1)})
+        say(f"wrote {args.json}")
+    return 0
+
+
+def _read_plan(args):
+    """A Scheme or a Recipe, read and validated before the model is loaded."""
+    if args.recipe:
+        try:
+            from qdoctor.policy.recipe import load_recipe
+        except ImportError as e:
+            raise QDoctorError(f"--recipe needs qdoctor.policy.recipe, which cannot be imported ({e})") from None
+        return load_recipe(args.recipe)
+    if args.scheme_file:
+        from qdoctor.quant.schemefile import load_scheme_file
+
+        return load_scheme_file(args.scheme_file)
+    from qdoctor.quant.spec import get_scheme
+
+    return get_scheme(args.scheme)
+
+
+def _quantize(model, tok, plan, args):
+    from qdoctor.api import calibrate, quantize
+    from qdoctor.quant.spec import Scheme
+
+    if not isinstance(plan, Scheme):  # a recipe: calibrate, smooth, quantize as it says
+        say(f"applying recipe {args.recipe} …")
+        c = plan.calibration
+        note = (f"{c.n_samples} × {c.seqlen} tokens of {c.source} (seed {c.seed})"
+                if plan.needs_calibration else None)
+        return plan.apply(model, tok), note
+    stats, note = None, None
+    if plan.needs_calibration:
+        cfg = calib_config(args)
+        say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} …")
+        stats = calibrate(model, tok, cfg)
+        note = f"{cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (seed {cfg.seed})"
+    return quantize(model, plan, calibration=stats), note
+
+
+def _ppl(model, tok, args, label: str) -> float:
+    from qdoctor.api import perplexity
+
+    r = perplexity(model, tok, seqlen=args.ppl_seqlen, limit=args.ppl_windows, desc=f"perplexity ({label})")
+    say(f"perplexity ({label}): {r.ppl:.4f} on {r.n_windows} × {r.seqlen} tokens")
+    return r.ppl
+
+
+def _read_card(path: str) -> dict:
+    from pathlib import Path
+
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise QDoctorError(f"{path}: no such card file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise QDoctorError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise QDoctorError(f"{path}: a card file must hold a mapping (evidence, ppl, metrics, notes, title)")
+    unknown = set(data) - {"title", "evidence", "ppl", "metrics", "notes"}
+    if unknown:
+        raise QDoctorError(f"{path}: unknown card key(s) {', '.join(sorted(unknown))} "
+                           "(allowed: title, evidence, ppl, metrics, notes)")
+    return data
+
+
+def _merge_card(card: dict, plan, ppl: dict, calib_note: str | None) -> dict:
+    """The caller's card, plus what this run measured or used — never anything invented."""
+    card = {k: (dict(v) if isinstance(v, dict) else v) for k, v in card.items()}
+    evidence = card.setdefault("evidence", {})
+    metrics = card.setdefault("metrics", {})
+    for k, v in (getattr(plan, "evidence", None) or {}).items():  # a recipe's evidence and search metrics
+        evidence.setdefault(k, v)
+    for k, v in (getattr(plan, "metrics", None) or {}).items():
+        metrics.setdefault(k, v)
+    if ppl:
+        card["ppl"] = {**ppl, **(card.get("ppl") or {})}
+    if calib_note:
+        metrics.setdefault("calibration", calib_note)
+    return {k: v for k, v in card.items() if v}

@@ -1,0 +1,165 @@
+"""The model card (README.md) of an exported checkpoint.
+
+It states what the checkpoint holds — the scheme of every layer, grouped as in the config,
+and the layers left in floating point with the reason — and prints the caller's evidence
+and measurements exactly as given. It never computes or invents a number of its own beyond
+sizes of the files written and a relative change between two numbers the caller supplied.
+
+``card`` (all keys optional)::
+
+    {"title": "SmolLM2-135M W8A8 (spikes kept in bf16)",
+     "evidence": {"model.layers.11.mlp.down_proj": "activation spike ratio 2040 (scan)"},   # layer or glob → text
+     "ppl": {"full_precision": 30.36, "quantized": 31.02, "windows": 8, "seqlen": 512, "text": "wikitext2:test"},
+     "metrics": {"calibration": "64 × 512 tokens of WikiText-2 valid", ...},                  # label → value
+     "notes": ["free text", ...]}
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import numbers
+import re
+from collections import OrderedDict
+
+from qdoctor.quant.granularity import granularity_to_str
+
+_INDEXED = re.compile(r"^(?P<prefix>.*?\.)(?P<idx>\d+)(?P<suffix>\..+)$")
+_PPL_META = ("windows", "seqlen", "text", "n_windows", "source")
+
+
+def render_card(plan, report, card: dict | None = None, source: str = "") -> str:
+    card = dict(card or {})
+    evidence = dict(card.get("evidence") or {})
+    title = card.get("title") or f"{source or 'model'} — quantized with qdoctor (compressed-tensors)"
+    mb = 1024 * 1024
+    out = ["---", "library_name: transformers", "tags: [compressed-tensors, quantized, qdoctor, "
+           + ", ".join(sorted({_tag(g) for g in plan.groups})) + "]", "---", "", f"# {title}", ""]
+    out += [f"Exported by qdoctor from `{source or 'an in-memory model'}` in compressed-tensors format "
+            f"(`{plan.config.format}`); unquantized tensors are stored in {report.checkpoint_dtype}.", "",
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer  # needs `pip install compressed-tensors`",
+            'model = AutoModelForCausalLM.from_pretrained("<this directory>")',
+            'tokenizer = AutoTokenizer.from_pretrained("<this directory>")',
+            "```", ""]
+    if report.vllm_issues:
+        out += ["**vLLM:** this plan uses schemes vLLM has no kernel for, so `vllm serve` will refuse it:", ""]
+        out += [f"- {w}" for w in report.vllm_issues] + [""]
+    else:
+        out += ["**vLLM:** every scheme in this checkpoint has a vLLM kernel (`vllm serve <this directory>`; "
+                "checked against vLLM's compressed-tensors rules, not run).", ""]
+    out += [f"Weights: {report.weights_bytes / mb:.1f} MiB of safetensors, vs {report.fp32_bytes / mb:.1f} MiB "
+            f"unquantized in fp32 and {report.bf16_bytes / mb:.1f} MiB in bf16.", ""]
+
+    out += ["## Scheme per layer", "",
+            "| group | weights | activations | format | layers | which |", "|---|---|---|---|---|---|"]
+    for g in plan.groups:
+        out.append(f"| {g.name} | {_spec(g.scheme.weights, True)} | {_spec(g.scheme.activations, False)} | "
+                   f"{g.format} | {len(g.layers)} | {'<br>'.join(f'`{x}`' for x in compact_names(g.layers))} |")
+    out.append("")
+
+    out += ["## Layers kept in floating point", ""]
+    if plan.unquantized:
+        out += ["| layer | stored as | why |", "|---|---|---|"]
+        for name, why in plan.unquantized.items():
+            stored = plan.kept.get(name, report.checkpoint_dtype)
+            given = _evidence_for(name, evidence)
+            out.append(f"| `{name}` | {stored} | {why}{' — ' + given if given else ''} |")
+        out.append("")
+    else:
+        out += ["None.", ""]
+
+    out += ["## Measured", ""]
+    measured = False
+    ppl = card.get("ppl") or {}
+    if ppl:
+        measured = True
+        meta = ", ".join(f"{k} {ppl[k]}" for k in _PPL_META if k in ppl)
+        out += [f"Perplexity ({meta}):" if meta else "Perplexity:", "", "| model | PPL | Δ vs full precision |",
+                "|---|---|---|"]
+        base = ppl.get("full_precision")
+        for k, v in ppl.items():
+            if k in _PPL_META or not isinstance(v, numbers.Real):
+                continue
+            has_base = isinstance(base, numbers.Real) and base and k != "full_precision"
+            delta = f"{100.0 * (v / base - 1.0):+.2f}%" if has_base else "—"
+            out.append(f"| {k} | {v:.4f} | {delta} |")
+        out.append("")
+    metrics = card.get("metrics") or {}
+    if metrics:
+        measured = True
+        out += ["| measurement | value |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in metrics.items()] + [""]
+    if evidence:
+        measured = True
+        out += ["Evidence supplied with this export:", ""]
+        out += [f"- `{k}`: {_cell(v)}" for k, v in evidence.items()] + [""]
+    if not measured:
+        out += ["No measurements were supplied with this export.", ""]
+
+    out += ["## Notes", "",
+            "- Weights: symmetric INT8 (codes in [−127, 127]) or FP8 E4M3, scales in fp32 (`weight_scale`); "
+            "static activation scales are stored as `input_scale`. qdoctor verified that decompressing every "
+            "layer gives back its simulated weights bit for bit.",
+            "- transformers runs this checkpoint by dequantizing the weights and fake-quantizing the inputs of each "
+            "layer with compressed-tensors' rules, which differ slightly from qdoctor's and vLLM's for dynamic INT8 "
+            "activations (scale absmax/127.5 with codes in [−128, 127], instead of absmax/127)."]
+    out += [f"- {w}" for w in report.warnings if not w.startswith("vLLM fuses")]
+    out += [f"- {n}" for n in card.get("notes") or []]
+    out.append("")
+    return "\n".join(out)
+
+
+def compact_names(names: list[str]) -> list[str]:
+    """Readable layer lists: ``model.layers.[0-9,12].self_attn.{q_proj,k_proj}``."""
+    by_suffix: "OrderedDict[tuple[str, str], list[int]]" = OrderedDict()
+    plain: list[str] = []
+    for n in names:
+        m = _INDEXED.match(n)
+        if m:
+            by_suffix.setdefault((m["prefix"], m["suffix"]), []).append(int(m["idx"]))
+        else:
+            plain.append(n)
+    by_idx: "OrderedDict[tuple[str, str, str], list[str]]" = OrderedDict()
+    for (prefix, suffix), idx in by_suffix.items():
+        parent, _, leaf = suffix.rpartition(".")
+        by_idx.setdefault((prefix, _ranges(idx), parent), []).append(leaf)
+    out = []
+    for (prefix, idx, parent), leaves in by_idx.items():
+        tail = parent + "." + (leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}")
+        out.append(f"{prefix}[{idx}]{tail}" if "," in idx or "-" in idx else f"{prefix}{idx}{tail}")
+    return out + plain
+
+
+def _ranges(idx: list[int]) -> str:
+    idx = sorted(set(idx))
+    parts, start = [], idx[0]
+    for prev, cur in zip(idx, idx[1:] + [None]):
+        if cur is None or cur != prev + 1:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ",".join(parts)
+
+
+def _spec(spec, weights: bool) -> str:
+    if spec is None:
+        return "— (not quantized)"
+    g = granularity_to_str(spec.granularity).replace("group:", "group ")
+    text = f"{spec.dtype} per-{g}" if not g.startswith("group") else f"{spec.dtype} {g}"
+    if not weights:
+        text += " dynamic" if spec.dynamic else f" static ({spec.observer})"
+    return text
+
+
+def _tag(group) -> str:
+    w, a = group.scheme.weights, group.scheme.activations
+    return f"{'w8a8' if a else 'w8a16'}-{w.dtype}"
+
+
+def _evidence_for(name: str, evidence: dict) -> str:
+    for pattern, text in evidence.items():
+        if pattern == name or fnmatch.fnmatchcase(name, pattern):
+            return _cell(text)
+    return ""
+
+
+def _cell(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
