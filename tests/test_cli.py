@@ -64,3 +64,16 @@ def test_models_lists_builtins(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "smollm2-135m" in out and "gemma3_text" in out and "w8a8-tensor-tensor-static" in out
+
+
+def test_eval_tasks_side_by_side(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    code = main(["eval", "--model", str(tiny_llama_dir), "--scheme", "w8a8-channel-token", "--tasks", "piqa,boolq",
+                 "--task-limit", "3", "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())["rows"]
+    q = [r for r in rows if r["plan"] == "w8a8-channel-token" and r["task"] == "piqa" and r["metric"] == "acc"][0]
+    f = [r for r in rows if r["plan"] == "full-precision" and r["task"] == "piqa" and r["metric"] == "acc"][0]
+    assert q["items"] == 3 and q["delta"] == pytest.approx(q["value"] - f["value"])
+    assert "piqa" in capsys.readouterr().out
+    assert main(["eval", "--model", str(tiny_llama_dir), "--tasks", "piqa,nope"]) == 2

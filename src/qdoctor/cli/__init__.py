@@ -14,6 +14,10 @@ from qdoctor import __version__
 from qdoctor.errors import QDoctorError
 
 COMMANDS = ["qdoctor.cli.eval_cmd", "qdoctor.cli.demo_cmd", "qdoctor.cli.models_cmd"]
+COMMANDS.append("qdoctor.cli.scan_cmd")
+COMMANDS.append("qdoctor.cli.plant_cmd")
+COMMANDS.append("qdoctor.cli.export_cmd")
+COMMANDS += ["qdoctor.cli.fix_cmd", "qdoctor.cli.quantize_cmd"]
 
 
 def build_parser() -> argparse.ArgumentParser:

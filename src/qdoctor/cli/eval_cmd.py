@@ -11,6 +11,7 @@ from qdoctor.cli.common import (
     calib_config,
     environment,
     load_model,
+    positive_int,
     require_parent,
     say,
     split_list,
@@ -26,7 +27,15 @@ def register(sub) -> None:
                    help="named scheme (repeat or comma-separate; default w8a8-channel-token). "
                         "See `qdoctor models --schemes`")
     p.add_argument("--scheme-file", default=None, help="a scheme as JSON/YAML (see docs/schemes.md)")
+    p.add_argument("--recipe", default=None, help="a recipe from `qdoctor fix` (evaluated like a scheme)")
     add_ppl_args(p)
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks instead of perplexity: comma list or 'all' (piqa, arc_easy, arc_challenge, "
+                        "hellaswag, winogrande, boolq, openbookqa, lambada_openai)")
+    p.add_argument("--task-limit", type=positive_int, default=None, help="first N items of each task")
+    p.add_argument("--subsample", type=positive_int, default=None, help="N items per task drawn with --task-seed")
+    p.add_argument("--task-seed", type=int, default=1234, help="subsample seed (default 1234)")
+    p.add_argument("--task-data", default=None, help="folder with your own <task>.jsonl files (docs/zeroshot.md)")
     add_calib_args(p)
     p.add_argument("--json", default=None, help="write the results as JSON to this file")
     p.set_defaults(func=run)
@@ -36,13 +45,17 @@ def resolve_schemes(args) -> list:
     from qdoctor.quant.spec import get_scheme
 
     names: list[str] = []
-    for s in args.scheme or ([] if args.scheme_file else ["w8a8-channel-token"]):
+    for s in args.scheme or ([] if (args.scheme_file or args.recipe) else ["w8a8-channel-token"]):
         names.extend(split_list(s))
     schemes = [get_scheme(n) for n in names]
     if args.scheme_file:
         from qdoctor.quant.schemefile import load_scheme_file
 
         schemes.append(load_scheme_file(args.scheme_file))
+    if args.recipe:
+        from qdoctor.policy.recipe import load_recipe
+
+        schemes.append(load_recipe(args.recipe))
     if not schemes:
         raise QDoctorError("no scheme given")
     return schemes
@@ -51,6 +64,10 @@ def resolve_schemes(args) -> list:
 def run(args) -> int:
     schemes = resolve_schemes(args)
     require_parent(args.json)
+    if args.tasks:
+        return run_tasks(args, schemes)
+    if any(not hasattr(s, "default") for s in schemes):
+        return run_recipes(args, schemes)
     t0 = time.perf_counter()
     model, tok = load_model(args)
     rows = run_table(model, tok, schemes, args)
@@ -108,3 +125,127 @@ def print_table(report: dict) -> None:
                   str(r["quantized_layers"]), str(r["kept_layers"]), f"{r['seconds']:.1f}")
     Console(width=110).print(t)
     print(f"wall time {report['wall_seconds']:.1f}s · peak RSS {report['peak_rss_mb']:.0f} MiB")
+
+
+def _apply(model, tok, plan, args):
+    """Quantize ``model`` by a Scheme or a Recipe (calibrating when needed)."""
+    from qdoctor.calib.collect import calibrate
+    from qdoctor.quant.apply import quantize
+
+    if hasattr(plan, "apply"):  # a Recipe
+        return plan.apply(model, tok, progress=False)
+    stats = calibrate(model, tok, calib_config(args)) if plan.needs_calibration else None
+    return quantize(model, plan, calibration=stats, progress=False)
+
+
+def run_recipes(args, plans) -> int:
+    """Perplexity of full precision vs each scheme or recipe (recipes smooth the model first)."""
+    from qdoctor.calib.text import text_source
+    from qdoctor.eval.perplexity import perplexity, token_windows
+    from qdoctor.models.registry import arch_for
+    from qdoctor.quant.apply import restore
+
+    t0 = time.perf_counter()
+    model, tok = load_model(args)
+    bos = tok.bos_token_id if arch_for(model).needs_bos else None
+    windows = token_windows(tok, text_source(args.text), args.seqlen, bos)
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from qdoctor.api import SchemeResult
+
+    fp = perplexity(model, tok, windows=windows, limit=args.limit, desc="full precision")
+    results = [SchemeResult("full-precision", "unquantized", fp, seconds=fp.seconds)]
+    for plan in plans:
+        t1 = time.perf_counter()
+        res = _apply(model, tok, plan, args)
+        name = plan.scheme.name if hasattr(plan, "scheme") else plan.name
+        try:
+            ppl = perplexity(model, tok, windows=windows, limit=args.limit, desc=name)
+        finally:
+            restore(model)
+            model.load_state_dict(snapshot)
+        kept = sum(1 for ls in res.layers.values() if ls.keep)
+        results.append(SchemeResult(name, getattr(plan, "description", "") or "recipe", ppl,
+                                    quantized_layers=len(res.layers) - kept, kept_layers=kept,
+                                    seconds=time.perf_counter() - t1))
+    report = build_report(args, results, time.perf_counter() - t0)
+    print_table(report)
+    if args.json:
+        from qdoctor.io import atomic_write_json
+
+        atomic_write_json(args.json, report)
+        say(f"wrote {args.json}")
+    return 0
+
+
+def run_tasks(args, plans) -> int:
+    """Zero-shot accuracy: full precision vs each scheme/recipe, with the delta and its standard error
+    (√(se_fp² + se_q²), treating the two runs as independent: conservative for paired items)."""
+    import math
+
+    from qdoctor.eval.zeroshot import DEFAULT_TASKS, evaluate
+    from qdoctor.quant.apply import restore
+
+    tasks = list(DEFAULT_TASKS) if args.tasks.strip() == "all" else split_list(args.tasks)
+    from qdoctor.eval.zeroshot import get_task
+
+    for t in tasks:
+        get_task(t)  # validate names before loading the model
+    t0 = time.perf_counter()
+    model, tok = load_model(args)
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kw = dict(tasks=tasks, limit=args.task_limit, subsample=args.subsample, seed=args.task_seed,
+              data_dir=args.task_data)
+    runs = {"full-precision": evaluate(model, tok, **kw)}
+    for plan in plans:
+        name = plan.scheme.name if hasattr(plan, "scheme") else plan.name
+        _apply(model, tok, plan, args)
+        try:
+            runs[name] = evaluate(model, tok, **kw)
+        finally:
+            restore(model)
+            model.load_state_dict(snapshot)
+    rows = []
+    fp = runs["full-precision"]
+    for name, res in runs.items():
+        for task, r in res.items():
+            for metric in ("acc", "acc_norm", "perplexity"):
+                if metric not in r.metrics:
+                    continue
+                v, se = r.metrics[metric], r.metrics.get(f"{metric}_stderr", float("nan"))
+                row = {"plan": name, "task": task, "metric": metric, "value": v, "stderr": se, "items": r.n_items,
+                       "seconds": round(r.seconds, 1)}
+                if name != "full-precision":
+                    f = fp[task].metrics
+                    row["delta"] = v - f[metric]
+                    row["delta_stderr"] = math.sqrt(se ** 2 + f.get(f"{metric}_stderr", float("nan")) ** 2)
+                rows.append(row)
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{args.model} · zero-shot (lm-eval formats)")
+    for c in ("task", "metric", "items", *runs.keys()):
+        t.add_column(c, justify="left" if c in ("task", "metric") else "right")
+    for task in tasks:
+        for metric in ("acc", "acc_norm", "perplexity"):
+            cells = []
+            for name in runs:
+                r = next((x for x in rows if x["plan"] == name and x["task"] == task and x["metric"] == metric), None)
+                if r is None:
+                    break
+                scale = 1 if metric == "perplexity" else 100
+                cell = f"{scale * r['value']:.2f}"
+                if "delta" in r:
+                    cell += f" ({scale * r['delta']:+.2f} ± {scale * r['delta_stderr']:.2f})"
+                cells.append(cell)
+            else:
+                items = next(x["items"] for x in rows if x["task"] == task)
+                t.add_row(task, metric, str(items), *cells)
+    Console(width=160).print(t)
+    if args.json:
+        from qdoctor import __version__
+        from qdoctor.io import atomic_write_json
+
+        atomic_write_json(args.json, {"qdoctor_version": __version__, "command": "eval --tasks", "model": args.model,
+                                      "rows": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
+        say(f"wrote {args.json}")
+    return 0
