@@ -263,14 +263,30 @@ def test_item_is_one_tree_row_with_the_prefix_once(llama):
     scorer = LoglikelihoodScorer(model, batch_size=16, max_length=512, progress=False)
     ctx = PairEncoder(tok).encode_pair("Question: which one?\nAnswer:", " a")[0]
     n = len(ctx)
-    (row,) = scorer._rows(0, [(ctx, [5, 6]), (ctx, [7]), (ctx, [8, 9, 10])])
+    (row,) = scorer._trees(0, [(ctx, [5, 6]), (ctx, [7]), (ctx, [8, 9, 10])])
     # inputs: ctx+[5], ctx, ctx+[8, 9] → prefix = ctx, branches [5] and [8, 9] (the 2nd is empty)
     assert row.tokens == ctx + [5] + [8, 9]
     assert row.positions == list(range(n)) + [n] + [n, n + 1]
-    assert row.segments == [-1] * n + [0] + [2, 2]
+    assert row.branches == [-1] * n + [0] + [2, 2]
     assert row.scored == [[n - 1, n], [n - 1], [n - 1, n + 1, n + 2]]
-    unshared = LoglikelihoodScorer(model, share_prefix=False, progress=False)._rows(0, [(ctx, [5, 6]), (ctx, [7])])
+    unshared = LoglikelihoodScorer(model, share_prefix=False, progress=False)._trees(0, [(ctx, [5, 6]), (ctx, [7])])
     assert [r.tokens for r in unshared] == [ctx + [5], ctx] and not unshared[0].packed
+
+
+def test_short_items_are_packed_into_rows_of_the_longest(llama):
+    model, tok = llama
+    scorer = LoglikelihoodScorer(model, batch_size=64, max_length=512, progress=False)
+    groups = _some_items(tok, tasks=("arc_easy", "winogrande", "piqa"), n=4)
+    trees = [t for i, g in enumerate(groups) for t in scorer._trees(i, g)]
+    (rows,) = scorer._batches(trees)
+    width = max(len(t.tokens) for t in trees)
+    assert len(rows) < len(trees)  # several items share a row
+    assert all(sum(len(t.tokens) for t in row) <= width for row in rows)
+    assert sorted(t.item for row in rows for t in row) == list(range(len(groups)))
+    got = scorer.score(groups)  # packed rows: still every request equals its own sequence
+    for g, res in zip(groups, got):
+        for (ll, greedy), (ll_ref, greedy_ref) in zip(res, _reference(model, g)):
+            assert ll == pytest.approx(ll_ref, abs=2e-4) and greedy == greedy_ref
 
 
 def test_left_truncation_to_max_length(llama):

@@ -145,12 +145,12 @@ def render_html(report: ScanReport) -> str:
     parts.append("<h2>Where: block × projection</h2>")
     parts.append(_img(plots.heatmap(layers, lambda f: f.spike_ratio, "Activation spike ratio (max / median token "
                                     "absmax of the layer input)", flagged=lambda f: f.activation_spike,
-                                    fmt="{:.0f}", cbar_label="spike ratio"), "spike ratio heatmap"))
+                                    cbar_label="spike ratio"), "spike ratio heatmap"))
     parts.append(_img(plots.heatmap(layers, lambda f: f.activation.max_token_max, "Largest input activation |x|",
-                                    flagged=lambda f: f.activation_spike, fmt="{:.0f}", cbar_label="max |x|"),
+                                    flagged=lambda f: f.activation_spike, cbar_label="max |x|"),
                       "activation max heatmap"))
     parts.append(_img(plots.heatmap(layers, lambda f: f.weight.max_abs, "max|W|", flagged=lambda f: f.weight_outlier,
-                                    fmt="{:.1f}", cbar_label="max |W|"), "max|W| heatmap"))
+                                    cbar_label="max |W|"), "max|W| heatmap"))
 
     parts.append("<h2>How much: per-layer quantization error</h2>")
     parts.append(_img(plots.error_strip(layers, [("out_w_channel", "INT8 per-channel W"),

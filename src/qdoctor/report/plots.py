@@ -44,8 +44,20 @@ def _grid(findings: list[LayerFinding]):
     return blocks, projs
 
 
-def heatmap(findings: list[LayerFinding], value, title: str, flagged=None, fmt: str = "{:.0f}",
-            cbar_label: str = "") -> bytes:
+def compact(v: float) -> str:
+    """A cell label of at most 4 characters: 3198, 640, 12, 9.2, 0.74, 2e+04."""
+    if v >= 9999.5:
+        return f"{v:.0e}".replace("e+0", "e")
+    if v >= 99.5:
+        return f"{v:.0f}"
+    if v >= 9.95:
+        return f"{v:.0f}"
+    if v >= 0.995:
+        return f"{v:.1f}"
+    return f"{v:.2f}".lstrip("0")
+
+
+def heatmap(findings: list[LayerFinding], value, title: str, flagged=None, cbar_label: str = "") -> bytes:
     """Block (columns) × projection (rows) grid of ``value(finding)``; ``flagged(finding)`` cells
     are outlined in black."""
     import numpy as np
@@ -73,7 +85,7 @@ def heatmap(findings: list[LayerFinding], value, title: str, flagged=None, fmt: 
     log_mid = math.sqrt(vmin * vmax)
     for (r, c), f in cells.items():
         v = grid[r, c]
-        ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=6.5,
+        ax.text(c, r, compact(v), ha="center", va="center", fontsize=6.5,
                 color="black" if v > log_mid else "white")
         if flagged is not None and flagged(f):
             ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.2))

@@ -58,9 +58,6 @@ from qdoctor.stats.spikes import (
 )
 from qdoctor.stats.weights import input_dim_absmax, top_outlier_dims
 
-_QMAX = {"int8": 127.0, "fp8": 448.0}
-
-
 def scan(model, tokenizer, config: ScanConfig | None = None, input_ids: torch.Tensor | None = None) -> ScanReport:
     """Scan every quantizable linear layer of ``model`` (see the module docstring).
 
@@ -246,7 +243,7 @@ class ErrorSample:
         self.deltas: dict[str, torch.Tensor] = {}
         self.act_errors: dict[str, float] = {}
         for dtype in ACT_DTYPES:
-            qmax = _QMAX[dtype]
+            qmax = QuantSpec(dtype, PerTensor()).qmax
             static = scale_from_absmax(torch.tensor(float(tensor_absmax)), qmax)
             dynamic = scale_from_absmax(sequence_absmax[samples].view(-1, 1).float(), qmax)
             for mode, spec, scale in (
@@ -264,6 +261,10 @@ class ErrorSample:
     @property
     def tokens(self) -> int:
         return int(self.x.shape[0])
+
+    @property
+    def has_gram(self) -> bool:
+        return self._gram is not None
 
     def gram(self) -> torch.Tensor:
         """G = Xᵀ diag(w) X, computed once for every consumer of this input."""
@@ -303,7 +304,7 @@ def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple
         e_sq = row_sq_norms(F.linear(sample.stacked_deltas, w)).view(len(keys), -1)
     y_total = float((y_sq * rw).sum())
     # Weight side: only weighted totals are needed.
-    use_gram = (0 if sample._gram is not None else t * k * k) + 3 * n_out * k * k < 3 * t * k * n_out
+    use_gram = (0 if sample.has_gram else t * k * k) + 3 * n_out * k * k < 3 * t * k * n_out
     w_norm = float(w.norm())
     for gname, gran in (("tensor", PerTensor()), ("channel", PerChannel()), ("group", PerGroup(group_size))):
         spec = QuantSpec("int8", gran)

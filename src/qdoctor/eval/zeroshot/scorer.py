@@ -15,10 +15,12 @@ remaining tokens as a branch:
                 own branch, never another branch (a 4D mask)
 
 so every branch computes exactly what its full sequence would, while the prefix runs once
-and no choice is padded to the longest. Rows (items) are sorted by length and right-padded
-in batches; ``batch_size`` counts requests per forward, as in lm-eval, and an item is never
-split. The LM head runs only on the scored positions (a pre-hook on the output embedding
-gathers them), and log-probabilities come from logsumexp instead of a full log-softmax.
+and no choice is padded to the longest. Items are sorted longest first; the first item of a
+batch sets the row length, and shorter items are packed several to a row (first fit; the mask
+keeps items apart, position ids restart), so little is padded. ``batch_size`` counts requests
+per forward, as in lm-eval, and an item is never split. The LM head runs only on the scored
+positions (a pre-hook on the output embedding gathers them), and log-probabilities come from
+logsumexp instead of a full log-softmax.
 
 Exact up to float rounding. Without a 4D-mask-capable attention ("sdpa" or "eager"), or with
 ``share_prefix=False``, each request is its own right-padded row with a 2D mask; so are
@@ -35,19 +37,21 @@ from tqdm.auto import tqdm
 
 from qdoctor.errors import QDoctorError
 
-PREFIX, PAD = -1, -2  # segment ids: tokens every branch sees; padding
+PREFIX, PAD = -1, -2  # branch ids: tokens every branch of the item sees; padding
 
 
 @dataclass
-class _Row:
+class _Tree:
+    """One item packed as prefix + branches (or, unpacked, a single request)."""
+
     tokens: list[int]
     positions: list[int]
-    segments: list[int]  # PREFIX, or the branch (request) index
-    scored: list[list[int]]  # per request: row positions whose logits predict its targets
+    branches: list[int]  # PREFIX, or the request's index within the tree
+    scored: list[list[int]]  # per request: tree positions whose logits predict its targets
     targets: list[list[int]]
-    item: int  # index of the item the row belongs to
-    first_request: int  # index of the row's first request within the item
-    packed: bool  # needs the 4D tree mask
+    item: int  # index of the item
+    first_request: int  # index of the tree's first request within the item
+    packed: bool  # needs the 4D tree mask (else: a 2D padding mask, one tree per row)
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -80,7 +84,7 @@ class LoglikelihoodScorer:
         self.device = next(model.parameters()).device
 
     # --- planning ---------------------------------------------------------------------
-    def _rows(self, item: int, pairs: list[tuple[list[int], list[int]]]) -> list[_Row]:
+    def _trees(self, item: int, pairs: list[tuple[list[int], list[int]]]) -> list[_Tree]:
         inputs, targets, first = [], [], []
         for ctx, cont in pairs:
             if not ctx or not cont:
@@ -95,50 +99,68 @@ class LoglikelihoodScorer:
         longest = max(len(x) for x in inputs)
         if self.share_prefix and (self.window is None or longest <= self.window):
             p = _common_prefix(inputs)
-            tokens, positions, segments, scored = list(inputs[0][:p]), list(range(p)), [PREFIX] * p, []
+            tokens, positions, branches, scored = list(inputs[0][:p]), list(range(p)), [PREFIX] * p, []
             for j, (x, t, f) in enumerate(zip(inputs, targets, first)):
                 offset = len(tokens)
                 tokens += x[p:]
                 positions += range(p, len(x))
-                segments += [j] * (len(x) - p)
+                branches += [j] * (len(x) - p)
                 scored.append([i if i < p else offset + i - p for i in range(f, f + len(t))])
-            return [_Row(tokens, positions, segments, scored, targets, item, 0, packed=True)]
-        return [_Row(x, list(range(len(x))), [0] * len(x), [list(range(f, f + len(t)))], [t], item, j, packed=False)
+            return [_Tree(tokens, positions, branches, scored, targets, item, 0, packed=True)]
+        return [_Tree(x, list(range(len(x))), [0] * len(x), [list(range(f, f + len(t)))], [t], item, j, packed=False)
                 for j, (x, t, f) in enumerate(zip(inputs, targets, first))]
 
-    def _batches(self, rows: list[_Row]) -> list[list[_Row]]:
-        # Longest first (as lm-eval: little padding, memory peaks early); a batch holds one mask kind.
-        rows = sorted(rows, key=lambda r: (r.packed, -len(r.tokens)))
-        batches, current, n_requests = [], [], 0
-        for row in rows:
-            n = len(row.targets)
-            if current and (n_requests + n > self.batch_size or current[0].packed != row.packed):
-                batches.append(current)
-                current, n_requests = [], 0
-            current.append(row)
+    def _batches(self, trees: list[_Tree]) -> list[list[list[_Tree]]]:
+        """Batches of rows of trees. Longest first (as lm-eval: memory peaks early); the first
+        tree of a batch sets its row length and later, shorter trees fill rows first-fit."""
+        trees = sorted(trees, key=lambda t: (t.packed, -len(t.tokens)))
+        batches: list[list[list[_Tree]]] = []
+        rows: list[list[_Tree]] = []
+        free: list[int] = []  # room left in each row of the open batch
+        n_requests, width = 0, 0
+        for tree in trees:
+            n, size = len(tree.targets), len(tree.tokens)
+            if rows and (n_requests + n > self.batch_size or rows[0][0].packed != tree.packed):
+                batches.append(rows)
+                rows, free, n_requests = [], [], 0
+            if not rows:
+                width = size
+            slot = next((i for i, room in enumerate(free) if room >= size), None) if tree.packed else None
+            if slot is None:
+                rows.append([tree])
+                free.append(width - size)
+            else:
+                rows[slot].append(tree)
+                free[slot] -= size
             n_requests += n
-        if current:
-            batches.append(current)
+        if rows:
+            batches.append(rows)
         return batches
 
     # --- running ----------------------------------------------------------------------
-    def _inputs(self, rows: list[_Row]) -> dict:
-        length = max(len(r.tokens) for r in rows)
+    def _inputs(self, rows: list[list[_Tree]]) -> dict:
+        length = max(sum(len(t.tokens) for t in row) for row in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         positions = torch.zeros((len(rows), length), dtype=torch.long)
-        segments = torch.full((len(rows), length), PAD, dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r.tokens)
-            ids[i, :n] = torch.tensor(r.tokens)
-            positions[i, :n] = torch.tensor(r.positions)
-            segments[i, :n] = torch.tensor(r.segments)
-        if not rows[0].packed:
-            return {"input_ids": ids.to(self.device), "attention_mask": (segments != PAD).long().to(self.device)}
+        branches = torch.full((len(rows), length), PAD, dtype=torch.long)
+        trees = torch.full((len(rows), length), -1, dtype=torch.long)  # which tree of the row
+        for i, row in enumerate(rows):
+            start = 0
+            for k, t in enumerate(row):
+                end = start + len(t.tokens)
+                ids[i, start:end] = torch.tensor(t.tokens)
+                positions[i, start:end] = torch.tensor(t.positions)
+                branches[i, start:end] = torch.tensor(t.branches)
+                trees[i, start:end] = k
+                start = end
+        if not rows[0][0].packed:
+            return {"input_ids": ids.to(self.device), "attention_mask": (branches != PAD).long().to(self.device)}
         idx = torch.arange(length)
-        seg_q, seg_k = segments[:, :, None], segments[:, None, :]
-        # Causal, and a key is visible if it is prefix or on the query's own branch. Padding
-        # queries see the prefix and earlier padding (finite, never read); nothing sees padding.
-        allowed = (idx[:, None] >= idx[None, :])[None] & ((seg_k == PREFIX) | (seg_k == seg_q))
+        br_q, br_k = branches[:, :, None], branches[:, None, :]
+        # Causal, same tree, and the key is prefix or on the query's own branch. Padding queries
+        # see earlier padding (finite, never read); nothing else sees padding.
+        allowed = ((idx[:, None] >= idx[None, :])[None] & (trees[:, :, None] == trees[:, None, :])
+                   & ((br_k == PREFIX) | (br_k == br_q)))
         if self.mask_kind == "bool":
             mask = allowed[:, None]
         else:  # eager attention adds the mask to the scores
@@ -173,18 +195,20 @@ class LoglikelihoodScorer:
         raise QDoctorError(f"unexpected logits shape {tuple(logits.shape)} for input {(batch, length)}")
 
     @torch.inference_mode()
-    def _run_batch(self, rows: list[_Row]) -> list[tuple[float, bool]]:
-        """(loglik, greedy) for every request of ``rows``, in row order then request order."""
+    def _run_batch(self, rows: list[list[_Tree]]) -> list[tuple[float, bool]]:
+        """(loglik, greedy) for every request of ``rows``, in row, tree, request order."""
         kwargs = self._inputs(rows)
-        r_idx, c_idx, tgt, owner = [], [], [], []
-        n_req = 0
+        r_idx, c_idx, tgt, owner, lengths = [], [], [], [], []
         for i, row in enumerate(rows):
-            for cols, t in zip(row.scored, row.targets):
-                r_idx += [i] * len(t)
-                c_idx += cols
-                tgt += t
-                owner += [n_req] * len(t)
-                n_req += 1
+            start = 0
+            for tree in row:
+                for cols, t in zip(tree.scored, tree.targets):
+                    r_idx += [i] * len(t)
+                    c_idx += [start + c for c in cols]
+                    tgt += t
+                    owner += [len(lengths)] * len(t)
+                    lengths.append(len(t))
+                start += len(tree.tokens)
         rows_t, cols_t = torch.tensor(r_idx, device=self.device), torch.tensor(c_idx, device=self.device)
         logits = self._scored_logits(kwargs, rows_t, cols_t).float()
         tgt_t = torch.tensor(tgt, device=logits.device)
@@ -193,22 +217,23 @@ class LoglikelihoodScorer:
         # materializing a second [N, vocab] tensor.
         token_lp = (logits.gather(1, tgt_t[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)).double()
         hits = (logits.argmax(dim=-1) == tgt_t).long()
+        n_req = len(lengths)
         ll = torch.zeros(n_req, dtype=torch.float64, device=logits.device).index_add_(0, owner_t, token_lp)
         n_hit = torch.zeros(n_req, dtype=torch.long, device=logits.device).index_add_(0, owner_t, hits)
-        lengths = [len(t) for row in rows for t in row.targets]
         return [(a, b == n) for a, b, n in zip(ll.tolist(), n_hit.tolist(), lengths)]
 
     def score(self, items: list[list[tuple[list[int], list[int]]]], desc: str = "loglikelihood"
               ) -> list[list[tuple[float, bool]]]:
         """``items[i][j] = (context_tokens, continuation_tokens)`` → ``[(loglik, is_greedy)]`` per item."""
-        rows = [row for i, pairs in enumerate(items) for row in self._rows(i, pairs)]
+        trees = [tree for i, pairs in enumerate(items) for tree in self._trees(i, pairs)]
         out: list[list[tuple[float, bool] | None]] = [[None] * len(pairs) for pairs in items]
         with tqdm(total=sum(len(p) for p in items), desc=desc, unit="req", disable=not self.progress,
                   leave=False) as bar:
-            for batch in self._batches(rows):
-                results = iter(self._run_batch(batch))
-                for row in batch:
-                    for j in range(len(row.targets)):
-                        out[row.item][row.first_request + j] = next(results)
-                bar.update(sum(len(r.targets) for r in batch))
+            for rows in self._batches(trees):
+                results = iter(self._run_batch(rows))
+                for row in rows:
+                    for tree in row:
+                        for j in range(len(tree.targets)):
+                            out[tree.item][tree.first_request + j] = next(results)
+                bar.update(sum(len(t.targets) for row in rows for t in row))
         return out  # type: ignore[return-value]
