@@ -16,3 +16,5 @@ from qdoctor.errors import QDoctorError  # noqa: E402
 
 __all__ = ["__version__", "load", "calibrate", "quantize", "restore", "perplexity", "compare_schemes",
            "CalibrationConfig", "CalibrationStats", "QDoctorError"]
+
+from qdoctor import scan  # noqa: E402,F401  (subpackage: qdoctor.scan.scan(model, tok, config))
