@@ -22,6 +22,10 @@ def test_kernel_route_on_cpu_is_described_but_simulation_runs():
     assert QuantLinear(lin, LayerScheme(keep="bf16")).kernel_route() is None
     assert QuantLinear(lin, LayerScheme(QuantSpec("int8", PerChannel()),
                                         QuantSpec("int8", PerTensor(), dynamic=True))).kernel_route() is None
+    # group sizes the Triton GEMM does not tile (16) stay on the simulation
+    token = QuantSpec("int8", PerToken(), dynamic=True)
+    assert QuantLinear(lin, LayerScheme(QuantSpec("int8", PerGroup(16)), token)).kernel_route() is None
+    assert QuantLinear(nn.Linear(96, 8), LayerScheme(QuantSpec("int8", PerGroup(32)), token)).kernel_route() is not None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

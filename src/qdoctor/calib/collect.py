@@ -99,8 +99,14 @@ def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names:
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, unit="batch", leave=False):
-                model(input_ids[i:i + batch_size].to(device), use_cache=False)
+            if getattr(model, "qdoctor_lazy", None) is not None:  # blocks streamed from their source
+                from qdoctor.models.streaming import stream_blocks
+
+                stream_blocks(model, input_ids, lambda i, block, inputs: None, batch_size=batch_size, desc=desc,
+                              final_outputs=True)  # the last block runs too
+            else:
+                for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, unit="batch", leave=False):
+                    model(input_ids[i:i + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

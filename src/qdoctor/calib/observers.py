@@ -60,19 +60,22 @@ class LinearInputStats:
         self._token_rows.append(ax.amax(dim=-1).cpu())
         self._token_absmax = None
         if self.sample_rows > 0:
-            self._sample(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+            self._sample(x.detach().reshape(-1, x.shape[-1]))
 
     def _sample(self, flat: torch.Tensor) -> None:
+        """Keep the ``sample_rows`` rows with the largest seeded uniform keys (a uniform sample
+        without replacement over every row seen). Keys are drawn on the CPU; only the rows that
+        enter the sample are copied off ``flat``'s device."""
         if self._gen is None:
             self._gen = torch.Generator().manual_seed(self.seed)
-        keys = torch.rand(flat.shape[0], generator=self._gen)
-        if self.rows is not None:
-            flat = torch.cat([self.rows, flat])
-            keys = torch.cat([self._row_keys, keys])
-        if keys.numel() > self.sample_rows:
-            top = keys.topk(self.sample_rows).indices.sort().values
-            flat, keys = flat[top], keys[top]
-        self.rows, self._row_keys = flat, keys
+        new_keys = torch.rand(flat.shape[0], generator=self._gen)
+        n_old = 0 if self.rows is None else self.rows.shape[0]
+        keys = new_keys if self.rows is None else torch.cat([self._row_keys, new_keys])
+        top = (keys.topk(self.sample_rows).indices.sort().values if keys.numel() > self.sample_rows
+               else torch.arange(keys.numel()))
+        new_rows = flat[(top[top >= n_old] - n_old).to(flat.device)].float().cpu()
+        self.rows = new_rows if n_old == 0 else torch.cat([self.rows[top[top < n_old]], new_rows])
+        self._row_keys = keys[top]
 
     def rescale_channels(self, inv_scale: torch.Tensor) -> None:
         """The statistics of X · diag(inv_scale) (after smoothing divides channel j by S_j):

@@ -18,6 +18,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default) or fp16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")
+    p.add_argument("--device-map", default=None,
+                   help="spread the model over several GPUs with accelerate (e.g. auto); default: one --device")
+
+
+def add_stream_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", action="store_true",
+                   help="read one decoder block at a time from the safetensors checkpoint (models larger than "
+                        "memory: only one block, the embeddings/LM head and the activations are resident)")
 
 
 def add_calib_args(p: argparse.ArgumentParser, samples: int = 64, seqlen: int = 512) -> None:
@@ -53,9 +61,12 @@ def load_model(args):
 
     say(f"loading {args.model} …")
     t0 = time.perf_counter()
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    stream = getattr(args, "stream", False)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      device_map=getattr(args, "device_map", None), stream=stream)
     n = sum(p.numel() for p in model.parameters())
-    say(f"loaded {type(model).__name__} ({n / 1e6:.1f}M parameters) in {time.perf_counter() - t0:.1f}s")
+    how = "skeleton; blocks are read one at a time" if stream else "parameters"
+    say(f"loaded {type(model).__name__} ({n / 1e6:.1f}M {how}) in {time.perf_counter() - t0:.1f}s")
     return model, tok
 
 

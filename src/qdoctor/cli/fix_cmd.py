@@ -1,11 +1,13 @@
-"""``qdoctor fix``: search the cheapest plan that meets a perplexity budget, verify it on the
-test split, and write it as a re-applicable recipe."""
+"""``qdoctor fix``: search the cheapest plan that meets a budget — held-out perplexity
+(``--metric ppl``, default) or zero-shot accuracy on a seeded task subset
+(``--metric tasks:piqa,arc_easy``) — verify it on the test split, and write it as a
+re-applicable recipe."""
 
 from __future__ import annotations
 
 import time
 
-from qdoctor.cli.common import add_calib_args, add_model_args, load_model, positive_int, require_parent, say
+from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, load_model, positive_int, require_parent, say
 from qdoctor.errors import QDoctorError
 
 
@@ -20,16 +22,54 @@ def parse_percent(text: str) -> float:
     return v
 
 
+def parse_points(text: str) -> float:
+    """A budget in accuracy points: ``1``, ``0.5``, ``1pt``, ``2 points`` (``%`` is refused: ambiguous)."""
+    t = text.strip().lower()
+    if t.endswith("%"):
+        raise QDoctorError(f"bad budget {text!r}: with a task metric the budget is a drop in accuracy points "
+                           f"(e.g. 1 or 1pt), not a percentage")
+    for suffix in ("points", "point", "pts", "pt"):
+        if t.endswith(suffix):
+            t = t[: -len(suffix)].strip()
+            break
+    try:
+        v = float(t)
+    except ValueError:
+        raise QDoctorError(f"bad budget {text!r}: use accuracy points such as 1 or 0.5pt") from None
+    if not v >= 0:
+        raise QDoctorError("the budget must be ≥ 0 points")
+    return v
+
+
+TASK_ONLY = ("metric_items", "metric_seed", "task_data")
+
+
 def register(sub) -> None:
-    p = sub.add_parser("fix", help="find the cheapest treatment plan that meets a perplexity budget",
+    p = sub.add_parser("fix", help="find the cheapest treatment plan that meets a perplexity or accuracy budget",
                        description="Search smoothing, mixed granularity and spike-aware precision for the plan "
                                    "with the fewest high-precision / per-group layers that keeps held-out "
-                                   "perplexity within the budget; then verify it on WikiText-2 test.")
+                                   "perplexity (or, with --metric tasks:…, zero-shot accuracy on a seeded task "
+                                   "subset) within the budget; then verify it on WikiText-2 test.")
     add_model_args(p)
+    add_stream_arg(p)
     p.add_argument("--target", default="w8a8-tensor-static",
                    help="target scheme: w8a8-tensor-static (default), w8a8-channel-static, w8a8-token "
                         "or any named scheme")
-    p.add_argument("--budget", default="1%", help="allowed perplexity increase over full precision (default 1%%)")
+    p.add_argument("--budget", default=None,
+                   help="allowed loss vs full precision: with --metric ppl the perplexity increase in percent "
+                        "(default 1%%); with a task metric the drop of mean accuracy in percentage points "
+                        "(default 1, written 1 or 1pt)")
+    p.add_argument("--metric", default="ppl",
+                   help="what scores each candidate plan: ppl (held-out perplexity, default) or "
+                        "tasks:TASK[,TASK…] / tasks:all (mean zero-shot acc over a seeded subsample of "
+                        "--metric-items items per task)")
+    p.add_argument("--metric-items", type=int, default=None,
+                   help="task metric: items drawn per task (default 200; all when a task has fewer)")
+    p.add_argument("--metric-seed", type=int, default=None,
+                   help="task metric: seed of the item draw (default 1234); report final accuracy with another "
+                        "--task-seed in `qdoctor eval --tasks`")
+    p.add_argument("--task-data", default=None,
+                   help="task metric: folder with your own <task>.jsonl[.gz] files (docs/zeroshot.md)")
     p.add_argument("--max-layers", default="3%", help="at most this share of linear layers kept out of INT8 or "
                                                       "per-group (default 3%%)")
     p.add_argument("--keep", default="bf16", choices=["bf16", "fp16", "fp8"],
@@ -50,9 +90,21 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from qdoctor.calib.collect import CalibrationConfig
+    from qdoctor.policy.metric import parse_metric
     from qdoctor.policy.search import FixConfig, resolve_target, search
 
-    budget = parse_percent(args.budget)
+    spec = parse_metric(args.metric)
+    if spec.name == "ppl":
+        given = [f"--{k.replace('_', '-')}" for k in TASK_ONLY if getattr(args, k) is not None]
+        if given:
+            raise QDoctorError(f"{', '.join(given)} only apply to a task metric (--metric tasks:…)")
+        budget = parse_percent(args.budget if args.budget is not None else "1%")
+        task_kw = {}
+    else:
+        budget = parse_points(args.budget if args.budget is not None else "1")
+        task_kw = {"metric_items": 200 if args.metric_items is None else args.metric_items,
+                   "metric_seed": 1234 if args.metric_seed is None else args.metric_seed,
+                   "task_data": args.task_data}
     max_frac = parse_percent(args.max_layers) / 100.0
     resolve_target(args.target)
     for path in (args.recipe_out, args.json):
@@ -61,20 +113,41 @@ def run(args) -> int:
                     eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   source=args.calib_source, seed=args.seed,
-                                                  sample_rows=args.sample_rows, holdout_fraction=0.2))
+                                                  sample_rows=args.sample_rows, holdout_fraction=0.2),
+                    metric=str(spec), **task_kw)
+    if spec.name == "tasks":  # a missing data file fails now, not after loading the model
+        from qdoctor.eval.zeroshot import find_task_file
+
+        for task in spec.tasks:
+            find_task_file(task, args.task_data)
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    say("searching (calibration, evidence, candidate plans on held-out text) …")
-    result = search(model, tok, cfg)
+    say("searching (calibration, evidence, candidate plans on " +
+        ("held-out text" if spec.name == "ppl" else f"{len(spec.tasks)} task(s)") + ") …")
+    searcher = None
+    if args.stream:
+        from qdoctor.policy.streamed import StreamedSearcher
+
+        searcher = StreamedSearcher(model, tok, cfg)
+    result = search(model, tok, cfg, searcher=searcher)
     print_trials(result)
-    verification = verify(model, tok, result, args)
+    verification = verify(model, tok, result, args, searcher)
     report = result.to_dict()
     report.update({"model": args.model, "verification": verification, "recipe": result.recipe.to_dict(),
                    "wall_seconds": round(time.perf_counter() - t0, 1)})
     print_verification(verification, result)
+    if spec.name == "tasks":
+        print_task_accuracy(result)
+        say(f"note: these accuracies are on the items that chose the plan (seed {cfg.metric_seed}); report the plan "
+            f"with `qdoctor eval --tasks {','.join(spec.tasks)} --recipe PLAN --subsample N --task-seed S` "
+            f"using another seed S (or all items)")
     if not result.met:
-        say(f"qdoctor: budget NOT met: best plan is {result.best.delta_pct:+.2f}% on held-out text "
-            f"(budget {budget}%); the best plan found is shown and written")
+        if spec.name == "ppl":
+            say(f"qdoctor: budget NOT met: best plan is {result.best.delta_pct:+.2f}% on held-out text "
+                f"(budget {budget}%); the best plan found is shown and written")
+        else:
+            say(f"qdoctor: budget NOT met: best plan is {result.best.delta:+.2f} points of mean accuracy "
+                f"(budget −{budget} points); the best plan found is shown and written")
     if args.recipe_out:
         from qdoctor.policy.recipe import save_recipe
 
@@ -89,8 +162,9 @@ def run(args) -> int:
     return 0 if result.met else 3
 
 
-def verify(model, tok, result, args) -> dict:
-    """FP, naive and planned perplexity on the WikiText-2 test split (``--limit`` windows)."""
+def verify(model, tok, result, args, searcher=None) -> dict:
+    """FP, naive and planned perplexity on the WikiText-2 test split (``--limit`` windows).
+    With a block-streamed ``searcher`` the plans are scored through it (one streamed pass each)."""
     from qdoctor.calib.text import text_source
     from qdoctor.eval.perplexity import perplexity, token_windows
     from qdoctor.models.registry import arch_for
@@ -99,11 +173,17 @@ def verify(model, tok, result, args) -> dict:
 
     bos = tok.bos_token_id if arch_for(model).needs_bos else None
     windows = token_windows(tok, text_source("wikitext2:test"), args.seqlen, bos)[: args.limit]
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     out = {"split": "wikitext2:test", "windows": int(windows.shape[0]), "seqlen": args.seqlen}
     out["fp_ppl"] = perplexity(model, tok, windows=windows, desc="verify: full precision").ppl
-    from qdoctor.policy.search import resolve_target
+    from qdoctor.policy.search import Plan, resolve_target
 
+    if searcher is not None and getattr(model, "qdoctor_lazy", None) is not None:
+        out["naive_ppl"] = searcher.evaluate(Plan(), windows=windows).ppl
+        out["planned_ppl"] = searcher.evaluate(result.best.plan, windows=windows).ppl
+        out["naive_delta_pct"] = 100 * (out["naive_ppl"] / out["fp_ppl"] - 1)
+        out["planned_delta_pct"] = 100 * (out["planned_ppl"] / out["fp_ppl"] - 1)
+        return out
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     naive = Recipe(scheme=resolve_target(result.config.target), calibration=result.recipe.calibration)
     for key, recipe in (("naive_ppl", naive), ("planned_ppl", result.recipe)):
         recipe.apply(model, tok, progress=False)
@@ -117,18 +197,60 @@ def verify(model, tok, result, args) -> dict:
     return out
 
 
+def _acc(v: float) -> str:
+    return f"{100.0 * v:.2f}"
+
+
 def print_trials(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"plans tried on held-out text (FP PPL {result.fp_ppl:.3f}, budget +{result.config.budget_pct}%)")
-    for c in ("plan", "PPL", "Δ vs FP", "kept", "per-group", "s"):
+    m = result.metric
+    if result.metric_name == "ppl":
+        title = f"plans tried on held-out text (FP PPL {result.fp_ppl:.3f}, budget +{result.config.budget_pct}%)"
+        tasks, head = [], "PPL"
+    else:
+        tasks = list(m.get("tasks", {}))
+        title = (f"plans tried on {', '.join(tasks)} ({m.get('items_per_task')} items/task, seed {m.get('seed')}; "
+                 f"FP mean acc {_acc(result.fp_value)}, budget −{result.config.budget_pct} points)")
+        head = "mean acc"
+    t = Table(title=title)
+    cols = ["plan", head, "Δ vs FP", *(tasks if len(tasks) > 1 else []), "kept", "per-group", "s"]
+    for c in cols:
         t.add_column(c, justify="left" if c == "plan" else "right")
     for tr in result.trials:
         mark = " ◀" if tr is result.best else ""
-        t.add_row(tr.label + mark, f"{tr.ppl:.3f}", f"{tr.delta_pct:+.2f}%", str(tr.kept), str(tr.per_group),
-                  f"{tr.seconds:.0f}")
-    Console(width=120).print(t)
+        if result.metric_name == "ppl":
+            cells = [f"{tr.ppl:.3f}", f"{tr.delta_pct:+.2f}%"]
+        else:
+            cells = [_acc(tr.value), f"{tr.delta:+.2f} pts"]
+            if len(tasks) > 1:
+                cells += [_acc(tr.details[k]) if k in tr.details else "—" for k in tasks]
+        t.add_row(tr.label + mark, *cells, str(tr.kept), str(tr.per_group), f"{tr.seconds:.0f}")
+    Console(width=160 if len(tasks) > 1 else 120).print(t)
+
+
+def print_task_accuracy(result) -> None:
+    """FP vs naive vs plan accuracy per task, as measured by the search (its selection items)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    m = result.metric
+    t = Table(title=f"zero-shot acc on the plan-selection items ({m.get('items_per_task')} per task, "
+                    f"seed {m.get('seed')})")
+    for c in ("task", "items", "full precision", f"naive {result.config.target}", f"plan: {result.best.label}"):
+        t.add_column(c, justify="left" if c == "task" else "right")
+
+    def cell(value: float, ref: float) -> str:
+        return f"{_acc(value)} ({100.0 * (value - ref):+.2f})"
+
+    for task, info in m.get("tasks", {}).items():
+        fp = result.fp_details[task]
+        t.add_row(task, f"{info['items']}/{info['of']}", _acc(fp), cell(result.naive.details[task], fp),
+                  cell(result.best.details[task], fp))
+    t.add_row("mean", "", _acc(result.fp_value), cell(result.naive.value, result.fp_value),
+              cell(result.best.value, result.fp_value))
+    Console(width=140).print(t)
 
 
 def print_verification(v: dict, result) -> None:

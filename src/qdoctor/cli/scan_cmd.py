@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from qdoctor.cli.common import add_calib_args, add_model_args, calib_config, environment, load_model, \
+from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, calib_config, environment, load_model, \
     positive_int, require_parent, say
 
 
@@ -14,6 +14,7 @@ def register(sub) -> None:
                                    "per linear layer, weight outliers, activation spikes and INT8/FP8 quantization "
                                    "errors, with a verdict (see docs/scan.md).")
     add_model_args(p)
+    add_stream_arg(p)
     add_calib_args(p)
     p.add_argument("--json", default=None, help="write the full report (schema qdoctor.scan/1) to this file")
     p.add_argument("--html", default=None, help="write a self-contained HTML report with plots to this file")

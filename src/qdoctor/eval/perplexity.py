@@ -77,6 +77,12 @@ def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitex
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
     t0 = time.perf_counter()
+    if getattr(model, "qdoctor_lazy", None) is not None:
+        nll_sum, count = _streamed_nll(model, windows, batch_size, progress, desc)
+        nll = nll_sum / count
+        return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, n_windows=int(windows.shape[0]),
+                                total_windows=int(total), seqlen=int(windows.shape[1]),
+                                seconds=time.perf_counter() - t0)
     bar = tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="win", disable=not progress, leave=False)
     for i in bar:
         batch = windows[i:i + batch_size].to(device)
@@ -89,3 +95,30 @@ def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitex
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, n_windows=int(windows.shape[0]),
                             total_windows=int(total), seqlen=int(windows.shape[1]),
                             seconds=time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _streamed_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, desc: str,
+                  block_transform=None) -> tuple[float, int]:
+    """(Σ NLL, token count) of a lazy model: every window goes through block i before block i+1
+    is read (``models.streaming``), then the final norm and LM head run one batch at a time.
+    ``block_transform(i, block)`` may change block i (e.g. quantize it) before it runs."""
+    from qdoctor.models.lazy import final_logits
+    from qdoctor.models.streaming import stream_blocks
+
+    def on_block(i, block, inputs):
+        if block_transform is not None:
+            block_transform(i, block)
+        return None
+
+    hidden = stream_blocks(model, windows, on_block, batch_size=max(batch_size, 1), progress=progress, desc=desc,
+                           final_outputs=True)
+    nll_sum, count, start = 0.0, 0, 0
+    for h in hidden:
+        batch = windows[start:start + h.shape[0]].to(h.device)
+        start += h.shape[0]
+        logits = final_logits(model, h)[:, :-1].float()
+        target = batch[:, 1:]
+        nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        count += target.numel()
+    return nll_sum, count

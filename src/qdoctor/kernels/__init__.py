@@ -19,7 +19,7 @@ from qdoctor.kernels.act_quant import (
     quantize_per_token_fp8,
 )
 from qdoctor.kernels.fp8 import fp8_gemm, fp8_linear
-from qdoctor.kernels.int8_gemm import int8_gemm, int8_gemm_grouped, int8_mm, w8a8_linear
+from qdoctor.kernels.int8_gemm import GROUP_SIZES, int8_gemm, int8_gemm_grouped, int8_mm, w8a8_linear
 from qdoctor.kernels.reference import (
     quantize_weight_fp8,
     quantize_weight_int8,
@@ -31,7 +31,7 @@ from qdoctor.kernels.reference import (
 )
 
 __all__ = [
-    "available",
+    "available", "GROUP_SIZES",
     "quantize_per_token", "quantize_per_tensor", "quantize_per_group",
     "quantize_per_token_fp8", "quantize_per_tensor_fp8",
     "quantize_weight_int8", "quantize_weight_fp8",

@@ -22,6 +22,7 @@ from qdoctor.kernels._support import as_rows, require, use_kernels
 from qdoctor.kernels.act_quant import quantize_per_group, quantize_per_tensor, quantize_per_token
 
 _IMPLS = ("auto", "tma", "ptr")
+GROUP_SIZES = (32, 64, 128, 256)  # group sizes the Triton per-group GEMM tiles (powers of two dividing K)
 
 
 def _check_operands(q_x: torch.Tensor, q_w: torch.Tensor) -> None:
@@ -96,7 +97,7 @@ def int8_gemm_grouped(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s
     store s_w as the transpose of a contiguous (K/g, N) tensor (any strides work)."""
     _check_operands(q_x, q_w)
     m, (n, k) = q_x.shape[0], q_w.shape
-    require(group_size in (32, 64, 128, 256) and k % group_size == 0,
+    require(group_size in GROUP_SIZES and k % group_size == 0,
             f"group size must be 32, 64, 128 or 256 and divide K = {k}, got {group_size}")
     groups = k // group_size
     require(tuple(s_w.shape) == (n, groups), f"s_w must be (N, K/g) = ({n}, {groups}), got {tuple(s_w.shape)}")

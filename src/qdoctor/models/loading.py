@@ -69,11 +69,15 @@ def describe_source(source: str) -> dict:
 
 
 def load(source: str, dtype: "str | torch.dtype | None" = None, device: str | None = None,
-         trust_remote_code: bool = False):
+         trust_remote_code: bool = False, device_map: "str | dict | None" = None, stream: bool = False):
     """Load ``(model, tokenizer)``; the model is in eval mode on ``device``.
 
     ``source``: built-in name (``smollm2-135m``, ``gemma3-270m``), a ``.gguf`` file, a Hugging
     Face directory with config.json + safetensors, or a hub id (needs network).
+    ``device_map``: an accelerate device map (``"auto"``, ``"balanced"``, or a dict) to spread
+    the model over several GPUs instead of moving it to ``device``.
+    ``stream``: a lazy model (``models.lazy``): decoder blocks are read one at a time from the
+    safetensors checkpoint by the streamed entry points (scan, calibrate, perplexity, fix).
     Raises ``QDoctorError`` with one clear line for anything a user can get wrong, including
     an architecture missing from the registry.
     """
@@ -82,7 +86,11 @@ def load(source: str, dtype: "str | torch.dtype | None" = None, device: str | No
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     info = describe_source(source)
+    if stream:
+        return _load_streamed(source, info, torch_dtype, device, trust_remote_code)
     kwargs = {"trust_remote_code": trust_remote_code}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     if info["gguf_file"]:
         kwargs["gguf_file"] = info["gguf_file"]
     else:
@@ -101,7 +109,8 @@ def load(source: str, dtype: "str | torch.dtype | None" = None, device: str | No
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise QDoctorError(f"{source}: could not load the model ({_first_line(e)})") from None
     arch_for_model_type(_text_model_type(model.config))
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     model.qdoctor_source = source
     return model, tokenizer
@@ -114,3 +123,20 @@ def _text_model_type(config) -> str:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def _load_streamed(source: str, info: dict, dtype: torch.dtype, device: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    from qdoctor.models.lazy import load_lazy
+
+    if info["gguf_file"] or not Path(info["path"]).is_dir():
+        raise QDoctorError(f"{source}: --stream reads a local Hugging Face directory with safetensors "
+                           "(download it first, e.g. with `huggingface-cli download`)")
+    model = load_lazy(info["path"], dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(info["path"], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise QDoctorError(f"{source}: could not load the tokenizer ({_first_line(e)})") from None
+    model.qdoctor_source = source
+    return model, tokenizer

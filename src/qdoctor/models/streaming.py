@@ -86,6 +86,8 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
         return fwd
 
+    # An instance-level forward (accelerate's device-map hooks put one there) is put back after.
+    saved = [b.__dict__.get("forward") for b in blocks]
     for i, b in enumerate(blocks):
         b.forward = recorder(i)
     try:
@@ -95,21 +97,40 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
             except _StopForward:
                 pass
     finally:
-        for b in blocks:
-            del b.forward  # back to the class's forward
+        for b, fwd in zip(blocks, saved):
+            if fwd is None:
+                del b.forward  # back to the class's forward
+            else:
+                b.forward = fwd
     return BlockInputs(hidden, kwargs[0]), kwargs
 
 
 def stream_blocks(model: nn.Module, input_ids: torch.Tensor,
                   on_block: Callable[[int, nn.Module, BlockInputs], "list[torch.Tensor] | None"],
-                  batch_size: int = 4, progress: bool = True, desc: str = "blocks") -> None:
+                  batch_size: int = 4, progress: bool = True, desc: str = "blocks",
+                  final_outputs: bool = False) -> "list[torch.Tensor] | None":
     """Call ``on_block(i, block, inputs)`` for each block in order. It may register hooks, run
     ``inputs.forward(block)`` itself (and return the outputs), or transform the block; when it
-    returns None the outputs of the (possibly transformed) block feed the next block."""
+    returns None the outputs of the (possibly transformed) block feed the next block.
+
+    For a lazy model (``models.lazy.load_lazy``) block i is materialized from its source before
+    ``on_block`` and dropped (back to ``meta``, transforms and all) once its outputs exist.
+    With ``final_outputs`` the last block's outputs are returned (the input of the final norm)."""
     blocks = get_blocks(model, arch_for(model))
+    lazy = getattr(model, "qdoctor_lazy", None)
     inputs, all_kwargs = capture_block_inputs(model, input_ids, batch_size)
+    out = None
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False):
         inputs = BlockInputs(inputs.hidden, all_kwargs[i])
-        out = on_block(i, blocks[i], inputs)
+        if lazy is not None:
+            lazy.load(model, i)
+        try:
+            out = on_block(i, blocks[i], inputs)
+            if out is None and (i + 1 < len(blocks) or final_outputs):
+                out = inputs.forward(blocks[i])
+        finally:
+            if lazy is not None:
+                lazy.release(model, i)
         if i + 1 < len(blocks):
-            inputs = BlockInputs(out if out is not None else inputs.forward(blocks[i]), all_kwargs[i + 1])
+            inputs = BlockInputs(out, all_kwargs[i + 1])
+    return out if final_outputs else None

@@ -16,13 +16,22 @@ INT8 path. The search therefore tries, on top of the best plan so far:
    layers are out of the default;
 5. prune — drop kept layers (least spiky first) that the budget does not need.
 
-Every plan is scored by perplexity on held-out text: the last ``holdout_fraction`` of the
-calibration source (WikiText-2 valid), disjoint from both the calibration windows and the
-test split. The result says whether the budget was met; it never hides a miss.
+Every plan is scored by the search metric (``FixConfig.metric``, ``policy/metric.py``):
+
+- ``ppl`` (default): perplexity on held-out text, the last ``holdout_fraction`` of the
+  calibration source (WikiText-2 valid), disjoint from both the calibration windows and the
+  test split; the budget is the allowed perplexity increase in percent;
+- ``tasks:T1,T2,…``: mean zero-shot accuracy (``acc``) over a fixed seeded subsample of
+  ``metric_items`` items per task, tokenized once; the budget is the allowed accuracy drop in
+  percentage points.
+
+"Better" and "meets the budget" always come from the metric. The result says whether the
+budget was met; it never hides a miss.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -36,6 +45,7 @@ from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import perplexity
 from qdoctor.models.registry import arch_for, block_linear_names
 from qdoctor.policy.evidence import cap, choose_group_size, layer_evidence, rank_spikes, rank_weight_outliers
+from qdoctor.policy.metric import Metric, MetricSpec, PerplexityMetric, TaskAccuracyMetric, parse_metric
 from qdoctor.policy.recipe import Recipe
 from qdoctor.quant.apply import restore
 from qdoctor.quant.granularity import PerChannel, PerGroup
@@ -53,7 +63,7 @@ def resolve_target(name: str) -> Scheme:
 @dataclass(frozen=True)
 class FixConfig:
     target: str = "w8a8-tensor-tensor-static"
-    budget_pct: float = 1.0  # allowed PPL increase over full precision, in percent
+    budget_pct: float = 1.0  # metric "ppl": allowed PPL increase over FP in percent; "tasks:…": accuracy points
     max_layer_fraction: float = 0.03  # at most this fraction of linear layers kept / per-group
     weight_error_threshold: float = 0.01  # Qin's 1% per-layer output error
     spike_min_ratio: float = 20.0  # layers below this spike ratio are never kept
@@ -64,16 +74,35 @@ class FixConfig:
     eval_seqlen: int = 2048
     calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(sample_rows=512,
                                                                                      holdout_fraction=0.2))
+    metric: str = "ppl"  # "ppl" or "tasks:piqa,arc_easy" (policy/metric.py)
+    metric_items: int = 200  # task metric: items drawn per task
+    metric_seed: int = 1234  # task metric: seed of the draw
+    task_data: str | None = None  # task metric: folder with <task>.jsonl[.gz] instead of the shipped data
+    metric_batch_size: int = 16  # task metric: requests per forward
 
     def __post_init__(self):
+        spec = self.metric_spec  # bad syntax / unknown task → QDoctorError
         if self.budget_pct < 0:
-            raise QDoctorError("the budget must be ≥ 0%")
+            raise QDoctorError("the budget must be ≥ 0%" if spec.name == "ppl" else "the budget must be ≥ 0 points")
+        if not isinstance(self.metric_items, int) or isinstance(self.metric_items, bool) or self.metric_items < 1:
+            raise QDoctorError(f"--metric-items must be a positive integer, got {self.metric_items!r}")
+        if not isinstance(self.metric_batch_size, int) or self.metric_batch_size < 1:
+            raise QDoctorError(f"the metric batch size must be a positive integer, got {self.metric_batch_size!r}")
         if not 0 <= self.max_layer_fraction <= 1:
             raise QDoctorError("max_layer_fraction must be in [0, 1]")
         if self.keep not in ("bf16", "fp16", "fp8"):
             raise QDoctorError(f"--keep must be bf16, fp16 or fp8, got {self.keep!r}")
         if self.calibration.holdout_fraction <= 0:
             raise QDoctorError("the search needs held-out text: calibration.holdout_fraction > 0")
+
+    @property
+    def metric_spec(self) -> MetricSpec:
+        """``metric`` parsed (raises ``QDoctorError`` on bad syntax or an unknown task)."""
+        return parse_metric(self.metric)
+
+    @property
+    def budget_unit(self) -> str:
+        return "%" if self.metric_spec.name == "ppl" else "points"
 
 
 @dataclass
@@ -97,17 +126,38 @@ class Plan:
 
 @dataclass
 class Trial:
+    """One scored plan. ``value``/``delta`` are in the search metric's terms: for ``ppl`` they
+    default to ``ppl``/``delta_pct`` (so ``Trial(label, ppl, delta_pct, kept, per_group,
+    seconds, plan)`` is a complete perplexity trial); for ``tasks`` ``value`` is the mean
+    accuracy (fraction), ``delta`` the change vs FP in points, ``details`` the per-task
+    accuracies, and ``ppl``/``delta_pct`` are None (not measured)."""
+
     label: str
-    ppl: float
-    delta_pct: float
+    ppl: float | None
+    delta_pct: float | None
     kept: int
     per_group: int
     seconds: float
     plan: Plan = field(repr=False, default=None)
+    metric: str = "ppl"
+    value: float | None = None
+    delta: float | None = None
+    details: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.metric == "ppl":
+            if self.value is None:
+                self.value = self.ppl
+            if self.delta is None:
+                self.delta = self.delta_pct
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "ppl": self.ppl, "delta_pct": self.delta_pct, "kept": self.kept,
-                "per_group": self.per_group, "seconds": round(self.seconds, 1)}
+        d = {"label": self.label, "ppl": self.ppl, "delta_pct": self.delta_pct, "kept": self.kept,
+             "per_group": self.per_group, "seconds": round(self.seconds, 1), "metric": self.metric,
+             "value": self.value, "delta": self.delta}
+        if self.details:
+            d["details"] = dict(self.details)
+        return d
 
 
 @dataclass
@@ -122,19 +172,45 @@ class FixResult:
     evidence: dict
     total_layers: int
     seconds: float
+    metric: dict = field(default_factory=lambda: {"name": "ppl"})  # Metric.describe() of the search metric
+    fp_value: float | None = None  # the metric at full precision (default: fp_ppl for "ppl")
+    fp_details: dict = field(default_factory=dict)  # task metric: per-task FP accuracy
+
+    def __post_init__(self):
+        if self.fp_value is None and self.metric_name == "ppl":
+            self.fp_value = self.fp_ppl
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric.get("name", "ppl")
 
     def to_dict(self) -> dict:
-        return {
-            "target": self.config.target, "budget_pct": self.config.budget_pct, "met": self.met,
-            "fp_ppl": self.fp_ppl, "naive_ppl": self.naive.ppl, "planned_ppl": self.best.ppl,
-            "planned_delta_pct": self.best.delta_pct, "naive_delta_pct": self.naive.delta_pct,
+        ppl = self.metric_name == "ppl"
+        d = {"target": self.config.target}
+        if ppl:  # the keys of reports from before the metric option, unchanged
+            d.update({"budget_pct": self.config.budget_pct, "met": self.met, "fp_ppl": self.fp_ppl,
+                      "naive_ppl": self.naive.ppl, "planned_ppl": self.best.ppl,
+                      "planned_delta_pct": self.best.delta_pct, "naive_delta_pct": self.naive.delta_pct})
+        else:
+            d.update({"met": self.met, "fp_heldout_ppl": self.fp_ppl})
+        d.update({
+            "metric": dict(self.metric), "budget": self.config.budget_pct, "budget_unit": "%" if ppl else "points",
+            "fp_value": self.fp_value, "naive_value": self.naive.value, "planned_value": self.best.value,
+            "naive_delta": self.naive.delta, "planned_delta": self.best.delta,
+        })
+        if not ppl:
+            d["task_values"] = {"fp": dict(self.fp_details), "naive": dict(self.naive.details),
+                                "planned": dict(self.best.details)}
+        d.update({
             "layers_total": self.total_layers, "layers_kept": self.best.kept, "layers_per_group": self.best.per_group,
             "plan": self.best.label, "trials": [t.to_dict() for t in self.trials],
-            "heldout": {"windows": self.config.eval_windows, "seqlen": self.config.eval_seqlen,
-                        "source": f"last {self.config.calibration.holdout_fraction:.0%} of "
-                                  f"{self.config.calibration.source}"},
-            "seconds": round(self.seconds, 1),
-        }
+        })
+        if ppl:
+            d["heldout"] = {"windows": self.config.eval_windows, "seqlen": self.config.eval_seqlen,
+                            "source": f"last {self.config.calibration.holdout_fraction:.0%} of "
+                                      f"{self.config.calibration.source}"}
+        d["seconds"] = round(self.seconds, 1)
+        return d
 
 
 def keep_scheme(target: Scheme, keep: str) -> LayerScheme:
@@ -151,29 +227,51 @@ def group_scheme(target: Scheme, group_size: int) -> LayerScheme:
     return LayerScheme(QuantSpec("int8", PerGroup(group_size)), target.default.activations)
 
 
+def heldout_windows(tokenizer, config: FixConfig, arch) -> torch.Tensor:
+    """The windows plans are scored on: ``eval_windows`` × ``eval_seqlen`` tokens from the last
+    ``holdout_fraction`` of the calibration source (with <bos> first where the family needs it)."""
+    bos = tokenizer.bos_token_id if arch.needs_bos else None
+    held = calibration_token_ids(tokenizer, config.calibration, heldout=True)
+    body = config.eval_seqlen - (1 if bos is not None else 0)
+    n = min(config.eval_windows, held.numel() // body)
+    if n < 1:
+        raise QDoctorError("held-out text is shorter than one evaluation window; lower --eval-seqlen")
+    rows = held[: n * body].view(n, body)
+    if bos is not None:
+        rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], 1)
+    return rows
+
+
 class Searcher:
-    """Holds the model, its full-precision snapshot, calibration and held-out windows."""
+    """Holds the model, its full-precision snapshot, calibration, held-out windows and the
+    search metric (``self.metric``, built once by ``build_metric``: for a task metric the items
+    are drawn and tokenized here and reused for every plan).
+
+    Subclasses may override ``evaluate(plan, windows=None) -> Trial``; with a non-perplexity
+    metric the returned Trial must carry ``value`` (``make_trial`` builds it)."""
 
     def __init__(self, model, tokenizer, config: FixConfig, progress: bool = True):
         self.model, self.tok, self.config, self.progress = model, tokenizer, config, progress
         self.target = resolve_target(config.target)
+        self.metric_spec = config.metric_spec
         arch = arch_for(model)
         self.names = block_linear_names(model, arch)
         self.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.stats = calibrate(model, tokenizer, config.calibration, layer_names=self.names)
-        bos = tokenizer.bos_token_id if arch.needs_bos else None
-        held = calibration_token_ids(tokenizer, config.calibration, heldout=True)
-        body = config.eval_seqlen - (1 if bos is not None else 0)
-        n = min(config.eval_windows, held.numel() // body)
-        if n < 1:
-            raise QDoctorError("held-out text is shorter than one evaluation window; lower --eval-seqlen")
-        rows = held[: n * body].view(n, body)
-        if bos is not None:
-            rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], 1)
-        self.windows = rows
+        self.windows = heldout_windows(tokenizer, config, arch)
         self.fp_ppl = perplexity(model, tokenizer, windows=self.windows, progress=False).ppl
         self._fp_cache: dict = {}
         self.evidence = layer_evidence(model, self.stats, config.group_size)
+        self.metric: Metric = self.build_metric()
+
+    def build_metric(self) -> Metric:
+        """The search metric, measured on the (still full-precision) model for ``fp_value``."""
+        c = self.config
+        if self.metric_spec.name == "ppl":
+            return PerplexityMetric(self.tok, self.windows, fp_value=self.fp_ppl,
+                                    source=f"last {c.calibration.holdout_fraction:.0%} of {c.calibration.source}")
+        return TaskAccuracyMetric(self.model, self.tok, self.metric_spec.tasks, items=c.metric_items,
+                                  seed=c.metric_seed, data_dir=c.task_data, batch_size=c.metric_batch_size)
 
     def group_size(self, name: str) -> int:
         """The coarsest group size that brings ``name``'s weight output error under the threshold."""
@@ -191,21 +289,40 @@ class Searcher:
         return Recipe(scheme=scheme, smoothing=list(plan.smoothing), calibration=self.config.calibration,
                       model=getattr(self.model, "qdoctor_source", ""))
 
-    def evaluate(self, plan: Plan, windows: torch.Tensor | None = None) -> Trial:
-        """Apply ``plan`` to the model, score it (held-out windows unless ``windows``), undo it."""
-        t0 = time.perf_counter()
-        windows = self.windows if windows is None else windows
+    @contextlib.contextmanager
+    def applied(self, plan: Plan):
+        """The model with ``plan`` applied inside the block; full precision again after it."""
         stats = copy.deepcopy(self.stats) if plan.smoothing else self.stats
         try:
             self.recipe(plan).apply(self.model, self.tok, stats=stats, progress=False)
-            ppl = perplexity(self.model, self.tok, windows=windows, progress=False).ppl
+            yield self.model
         finally:
             restore(self.model)
             if plan.smoothing:
                 self.model.load_state_dict(self.snapshot)
-        ref = self.fp_ppl if windows is self.windows else self.fp_ppl_of(windows)
-        return Trial(plan.label, ppl, 100.0 * (ppl / ref - 1.0), len(plan.kept()), len(plan.per_group()),
-                     time.perf_counter() - t0, plan)
+
+    def make_trial(self, plan: Plan, value: float, seconds: float, details: dict | None = None) -> Trial:
+        """A Trial of ``plan`` scored ``value`` by the search metric."""
+        m = self.metric
+        delta = m.delta(value)
+        if m.name == "ppl":
+            return Trial(plan.label, value, delta, len(plan.kept()), len(plan.per_group()), seconds, plan)
+        return Trial(plan.label, None, None, len(plan.kept()), len(plan.per_group()), seconds, plan,
+                     metric=m.name, value=value, delta=delta, details=dict(details or {}))
+
+    def evaluate(self, plan: Plan, windows: torch.Tensor | None = None) -> Trial:
+        """Apply ``plan`` to the model, score it, undo it. Scored by the search metric, or — when
+        ``windows`` is given — by perplexity on those windows (a perplexity Trial, any metric)."""
+        t0 = time.perf_counter()
+        if windows is not None and (windows is not self.windows or self.metric.name != "ppl"):
+            with self.applied(plan):
+                ppl = perplexity(self.model, self.tok, windows=windows, progress=False).ppl
+            ref = self.fp_ppl if windows is self.windows else self.fp_ppl_of(windows)
+            return Trial(plan.label, ppl, 100.0 * (ppl / ref - 1.0), len(plan.kept()), len(plan.per_group()),
+                         time.perf_counter() - t0, plan)
+        with self.applied(plan):
+            value, details = self.metric.measure(self.model)
+        return self.make_trial(plan, value, time.perf_counter() - t0, details)
 
 
 def search(model, tokenizer, config: FixConfig | None = None, progress: bool = True,
@@ -214,21 +331,39 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
     config = searcher.config if searcher is not None else (config or FixConfig())
     t_start = time.perf_counter()
     s = searcher or Searcher(model, tokenizer, config, progress)
-    limit_ppl = s.fp_ppl * (1.0 + config.budget_pct / 100.0)
+    m = getattr(s, "metric", None)
+    if m is None:  # a Searcher subclass that does not build one: held-out perplexity, as before metrics existed
+        m = s.metric = PerplexityMetric(s.tok, s.windows, fp_value=s.fp_ppl)
+    fp_value, budget = m.fp_value, config.budget_pct
+    limit = m.limit(fp_value, budget)
     max_layers = int(math.floor(config.max_layer_fraction * len(s.names)))
     trials: list[Trial] = []
-    bar = tqdm(desc=f"fix ({config.target}, budget {config.budget_pct}%)", unit="plan", disable=not progress,
+    unit = "%" if m.name == "ppl" else " pts"
+    bar = tqdm(desc=f"fix ({config.target}, {m.name}, budget {budget}{unit})", unit="plan", disable=not progress,
                leave=False)
+
+    def value(t: Trial) -> float:
+        if t.value is None or t.metric != m.name:
+            raise TypeError(f"evaluate() returned a {t.metric!r} Trial without a value for the {m.name!r} search "
+                            f"metric (build it with Searcher.make_trial)")
+        return t.value
+
+    def better(a: Trial, b: Trial) -> bool:
+        return m.better(value(a), value(b))
 
     def run(plan: Plan) -> Trial:
         t = s.evaluate(plan)
+        value(t)
         trials.append(t)
         bar.update(1)
-        bar.set_postfix(best=f"{min(x.ppl for x in trials):.3f}", limit=f"{limit_ppl:.3f}")
+        top = trials[0]
+        for x in trials[1:]:
+            top = x if better(x, top) else top
+        bar.set_postfix(best=m.format_value(top.value), limit=m.format_value(limit))
         return t
 
     def meets(t: Trial) -> bool:
-        return t.ppl <= limit_ppl
+        return m.within_budget(value(t), fp_value, budget)
 
     naive = best = run(Plan())
     # 2. weight outliers
@@ -238,14 +373,16 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
         g = {n: group_scheme(s.target, s.group_size(n)) for n in outliers}
         mixed = run(best.plan.extend("mixed-granularity", overrides=g))
         bis = run(best.plan.extend("bi-smoothing", smoothing=[SmoothingStep("bismooth-max", 0.5, tuple(outliers))]))
-        best = min([best, mixed, bis], key=lambda t: t.ppl)
+        for t in (mixed, bis):  # the first of equals wins, as min()
+            if better(t, best):
+                best = t
     # 3. SmoothQuant for the activations
     if not meets(best):
         base = best
         for alpha in config.alphas:
             t = run(base.plan.extend(f"{base.plan.label}+smoothquant-{alpha}",
                                      smoothing=[SmoothingStep("smoothquant", alpha)]))
-            if t.ppl < best.ppl:
+            if better(t, best):
                 best = t
     # 4. keep the spikiest layers
     budget_left = max_layers - len(best.plan.per_group())
@@ -256,7 +393,7 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
             break
         t = run(best.plan.extend(f"{_base_label(best.plan.label)}+keep{len(best.plan.kept()) + 1}-{config.keep}",
                                  overrides={name: keep_ls}))
-        if t.ppl < best.ppl:
+        if better(t, best):
             best = t
     # 5. prune kept layers the budget does not need (least spiky first)
     if meets(best) and best.plan.kept():
@@ -270,7 +407,8 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
     recipe.evidence = {n: _why(s.evidence[n]) for n in best.plan.overrides}
     result = FixResult(config=config, fp_ppl=s.fp_ppl, naive=naive, best=best, met=meets(best), trials=trials,
                        recipe=recipe, evidence={n: e.to_dict() for n, e in s.evidence.items()},
-                       total_layers=len(s.names), seconds=time.perf_counter() - t_start)
+                       total_layers=len(s.names), seconds=time.perf_counter() - t_start, metric=m.describe(),
+                       fp_value=fp_value, fp_details=dict(getattr(m, "fp_details", {}) or {}))
     recipe.metrics = {k: v for k, v in result.to_dict().items() if k != "trials"}
     return result
 

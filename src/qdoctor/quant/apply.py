@@ -38,7 +38,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
-             overrides: dict[str, "LayerScheme | dict"] | None = None, progress: bool = True) -> QuantizeResult:
+             overrides: dict[str, "LayerScheme | dict"] | None = None, progress: bool = True,
+             prefix: str = "") -> QuantizeResult:
     """Quantize ``model`` in place.
 
     scheme: a ``Scheme`` or a named scheme (``qdoctor.quant.spec.NAMED_SCHEMES``).
@@ -46,6 +47,8 @@ def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
         the static scale of layer L is s = observer(stats[L]) / qmax.
     overrides: extra {glob: LayerScheme or its dict} applied after the scheme's own
         (e.g. ``{"model.layers.11.mlp.down_proj": {"keep": "bf16"}}``).
+    prefix: the full name of ``model`` inside a larger model (e.g. ``"model.layers.3."`` to
+        quantize one decoder block); scheme globs and calibration look up ``prefix + name``.
     """
     scheme = get_scheme(scheme)
     if overrides:
@@ -53,7 +56,7 @@ def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
             {k: v if isinstance(v, LayerScheme) else LayerScheme.from_dict(v) for k, v in overrides.items()})
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise QDoctorError("model is already quantized; call qdoctor.quant.restore(model) first")
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    targets = [(prefix + n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not targets:
         raise QDoctorError("model has no nn.Linear layers to quantize")
     applied: dict[str, LayerScheme] = {}
@@ -74,7 +77,7 @@ def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
         replacements[name] = QuantLinear(lin, ls, act_scale, name=name)
         applied[name] = ls
     for name, module in replacements.items():
-        _set_module(model, name, module)
+        _set_module(model, name[len(prefix):], module)
     return QuantizeResult(scheme=scheme, layers=applied, ignored=ignored)
 
 

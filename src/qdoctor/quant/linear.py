@@ -69,8 +69,13 @@ class QuantLinear(nn.Module):
             act = {"act": "tensor", "act_scale": self.input_scale}
         else:
             return None
-        if w.dtype == "fp8" and isinstance(w.granularity, PerGroup):
-            return None
+        if isinstance(w.granularity, PerGroup):
+            from qdoctor.kernels import GROUP_SIZES
+
+            # FP8 per-group, or a group size the INT8 kernel does not tile: the simulation runs it
+            if w.dtype == "fp8" or w.granularity.group_size not in GROUP_SIZES \
+                    or self.in_features % w.granularity.group_size:
+                return None
         return {"fp8": w.dtype == "fp8",
                 "group_size": w.granularity.group_size if isinstance(w.granularity, PerGroup) else None, **act}
 

@@ -62,25 +62,28 @@ class InputRecorder:
         self.last_input = args[0]  # consumers sharing this input check identity against it
         if x.dim() == 2:
             x = x.unsqueeze(0)
-        x = x.reshape(-1, x.shape[-2], x.shape[-1]).float().cpu()
+        # Reductions run where x is (the GPU for big models); only (B, L) maxima, the channel
+        # maxima and the selected rows come to the CPU.
+        x = x.reshape(-1, x.shape[-2], x.shape[-1])
         b, l, k = x.shape
         s0 = self.samples_seen
         self.samples_seen += b
         ax = x.abs()
-        tok = ax.amax(dim=-1)  # (B, L)
-        self.channel_absmax = torch.maximum(self.channel_absmax, ax.amax(dim=(0, 1)))
+        tok = ax.amax(dim=-1).float().cpu()  # (B, L)
+        self.channel_absmax = torch.maximum(self.channel_absmax, ax.amax(dim=(0, 1)).float().cpu())
+        del ax
         self._token_rows.append(tok)
         median = tok.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
         spike = tok > self.spike_factor * median
         sample_idx = torch.arange(s0, s0 + b).view(b, 1).expand(b, l)
         umask = self.uniform_mask[s0:s0 + b, :l] & ~spike
         self.nonspike_tokens += int((~spike).sum())
-        self._u_rows.append(x[umask])
+        self._u_rows.append(x[umask.to(x.device)].float().cpu())
         self._u_sample.append(sample_idx[umask])
         n_spike = int(spike.sum())
         if n_spike and self.max_spike_rows > 0:
             self.spike_tokens += n_spike
-            rows, samp = x[spike], sample_idx[spike]
+            rows, samp = x[spike.to(x.device)].float().cpu(), sample_idx[spike]
             keys = torch.rand(n_spike, generator=self._gen)
             if self._s_rows is not None:
                 rows = torch.cat([self._s_rows, rows])

@@ -82,6 +82,9 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
     if arch.needs_bos and bos is None:
         raise QDoctorError(f"{arch.family} needs <bos> but the tokenizer has no bos_token_id")
     cal = config.calibration
+    if config.sensitivity and getattr(model, "qdoctor_lazy", None) is not None:
+        raise QDoctorError("--sensitivity quantizes the whole model per layer; it is not available with "
+                           "--stream (block-streamed models)")
     config_dict = config.to_dict()
     if input_ids is None:
         input_ids = calibration_windows(tokenizer, cal, bos_id=bos)
@@ -102,7 +105,7 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
         for group in groups:
             rec = recorders[group[0]]
             rec.last_input = None
-            sub = ErrorSample.from_recorder(rec)
+            sub = ErrorSample.from_recorder(rec).to(block.get_submodule(group[0]).weight.device)
             for rel in group:
                 name = f"{arch.blocks}.{i}.{rel}"
                 block_findings[rel] = layer_finding(name, i, rel, block.get_submodule(rel).weight, rec, input_ids,
@@ -258,6 +261,19 @@ class ErrorSample:
                 self.deltas[key] = dx
                 self.act_errors[f"a_{key}"] = weighted_norm_ratio(row_sq_norms(dx), x_sq, row_weights)
 
+    def to(self, device) -> "ErrorSample":
+        """The sample on ``device`` (where the weights are: the error GEMMs run there)."""
+        device = torch.device(device)
+        if self.x.device == device:
+            return self
+        t = self.tokens
+        self.x, self.row_weights = self.x.to(device), self.row_weights.to(device)
+        self.is_spike, self.stacked_deltas = self.is_spike.to(device), self.stacked_deltas.to(device)
+        self.deltas = {key: self.stacked_deltas[j * t:(j + 1) * t] for j, key in enumerate(self.keys)}
+        if self._gram is not None:
+            self._gram = self._gram.to(device)
+        return self
+
     @property
     def tokens(self) -> int:
         return int(self.x.shape[0])
@@ -289,29 +305,57 @@ def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple
     weight side. The typical-token error of an activation mode is the median over the non-spike
     sampled tokens of ‖e_t‖ / ‖y_t‖: what a normal token loses, which the Frobenius error hides
     when a few spike tokens dominate ‖XWᵀ‖."""
-    w = w.detach().float()
+    w = w.detach()
     n_out, k = w.shape
     x, rw, t = sample.x, sample.row_weights, sample.tokens
     keys = sample.keys
     out: dict[str, float] = {}
+    # W is visited in blocks of output rows (every quantity below is a sum over rows n), so the
+    # fp32 working copies are bounded by _ROW_CHUNK_ELEMS whatever the layer size; the
+    # per-tensor scale is taken over the whole W first.
+    step = max(1, min(n_out, _ROW_CHUNK_ELEMS // max(k, 1)))
+    chunks = [w[a:a + step].float() for a in range(0, n_out, step)] if step >= n_out else None
+
+    def row_blocks():
+        if chunks is not None:
+            yield from chunks
+        else:
+            for a in range(0, n_out, step):
+                yield w[a:a + step].float()
+
     # Activation side, per row: reference ‖y_t‖² and every variant's ‖e_t‖².
     if n_out * k * k + (len(keys) + 1) * t * k * k < (len(keys) + 1) * t * k * n_out:
-        h = w.T @ w
+        h = sum(wc.T @ wc for wc in row_blocks())
         y_sq = rows_quadratic_form(x, h)
         e_sq = rows_quadratic_form(sample.stacked_deltas, h).view(len(keys), -1)
+        del h
     else:
-        y_sq = row_sq_norms(F.linear(x, w))
-        e_sq = row_sq_norms(F.linear(sample.stacked_deltas, w)).view(len(keys), -1)
+        y_sq = e_sq = 0
+        for wc in row_blocks():
+            y_sq = y_sq + row_sq_norms(F.linear(x, wc))
+            e_sq = e_sq + row_sq_norms(F.linear(sample.stacked_deltas, wc))
+        e_sq = e_sq.view(len(keys), -1)
     y_total = float((y_sq * rw).sum())
     # Weight side: only weighted totals are needed.
     use_gram = (0 if sample.has_gram else t * k * k) + 3 * n_out * k * k < 3 * t * k * n_out
-    w_norm = float(w.norm())
-    for gname, gran in (("tensor", PerTensor()), ("channel", PerChannel()), ("group", PerGroup(group_size))):
-        spec = QuantSpec("int8", gran)
-        dw = fake_quantize(w, spec).sub_(w)
-        num = gram_sq_norm(dw, sample.gram()) if use_gram else float((row_sq_norms(F.linear(x, dw)) * rw).sum())
-        out[f"out_w_{gname}"] = (max(num, 0.0) / y_total) ** 0.5 if y_total > 0 else 0.0
-        out[f"w_{gname}"] = float(dw.norm()) / w_norm if w_norm > 0 else 0.0  # = weight_rel_error(w, spec)
+    specs = {"tensor": QuantSpec("int8", PerTensor()), "channel": QuantSpec("int8", PerChannel()),
+             "group": QuantSpec("int8", PerGroup(group_size))}
+    tensor_scale = scale_from_absmax(w.abs().amax().float(), specs["tensor"].qmax)
+    num = dict.fromkeys(specs, 0.0)
+    dw_sq = dict.fromkeys(specs, 0.0)
+    w_sq = 0.0
+    for wc in row_blocks():
+        w_sq += float(wc.square().sum())
+        for gname, spec in specs.items():
+            dw = fake_quantize(wc, spec, tensor_scale if gname == "tensor" else None).sub_(wc)
+            num[gname] += (gram_sq_norm(dw, sample.gram()) if use_gram
+                           else float((row_sq_norms(F.linear(x, dw)) * rw).sum()))
+            dw_sq[gname] += float(dw.square().sum())
+            del dw
+    w_norm = w_sq ** 0.5
+    for gname in specs:
+        out[f"out_w_{gname}"] = (max(num[gname], 0.0) / y_total) ** 0.5 if y_total > 0 else 0.0
+        out[f"w_{gname}"] = dw_sq[gname] ** 0.5 / w_norm if w_norm > 0 else 0.0  # = weight_rel_error(w, spec)
     typical = {}
     normal = ~sample.is_spike
     for j, key in enumerate(keys):
@@ -323,12 +367,15 @@ def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple
     return {key: out[key] for key in ERROR_KEYS}, typical
 
 
+_ROW_CHUNK_ELEMS = 1 << 26  # fp32 elements of W processed at once by layer_errors (256 MB)
+
+
 def layer_finding(name: str, block: int, rel: str, weight: torch.Tensor, rec: InputRecorder,
                   input_ids: torch.Tensor, config: ScanConfig, token_text=None,
                   sample: ErrorSample | None = None) -> LayerFinding:
     """Statistics, errors and verdict of one layer from its weight and its input recorder
     (``sample``: the recorder's error subsample, when already built for another consumer)."""
-    w = weight.detach().float()
+    w = weight.detach()  # fp32 copies are made in row blocks by layer_errors
     n_out, k = w.shape
     g = group_size_for(k, config.group_size)
     prof = input_dim_absmax(w)
@@ -345,7 +392,7 @@ def layer_finding(name: str, block: int, rel: str, weight: torch.Tensor, rec: In
     tids = spike_token_ids(ta, ids, factor)
     by_max, by_med = token_absmax_by_position(ta)
     ch_vals, ch_idx = rec.channel_absmax.topk(min(config.top_dims, k))
-    sample = sample or ErrorSample.from_recorder(rec)
+    sample = (sample or ErrorSample.from_recorder(rec)).to(w.device)
     errors, typical = layer_errors(w, sample, g)
     ratio = spike_ratio(ta)
     astats = ActivationStats(

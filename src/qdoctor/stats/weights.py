@@ -12,7 +12,7 @@ import torch
 
 def input_dim_absmax(w: torch.Tensor) -> torch.Tensor:
     """p[j] = max_n |W[n, j]|, the per-input-dimension absmax profile (K,)."""
-    return w.detach().abs().float().amax(dim=0)
+    return w.detach().abs().amax(dim=0).float()  # max is exact in any dtype: no fp32 copy of W
 
 
 def top_outlier_dims(w: torch.Tensor, k: int = 5) -> list[tuple[int, float]]:

@@ -145,44 +145,53 @@ def apply_smoothing(model, stats, step: SmoothingStep, scheme=None) -> Smoothing
     those stats to describe the smoothed activations (channel absmax and sampled rows ÷ S).
 
     ``scheme`` (the ``Scheme`` the model will be quantized with) is needed for ``alpha: auto``."""
-    import fnmatch
-
     arch = arch_for(model)
     report = SmoothingReport()
     for b, block in enumerate(get_blocks(model, arch)):
-        prefix = f"{arch.blocks}.{b}."
-        for pair in arch.pairs_for(model.config):
-            names = [prefix + c for c in pair.consumers]
-            if not any(fnmatch.fnmatchcase(n, g) for n in names for g in step.layers):
+        smooth_block(model.config, arch, b, block, stats, step, scheme, report)
+    return report
+
+
+def smooth_block(config, arch, b: int, block, stats, step: SmoothingStep, scheme=None,
+                 report: SmoothingReport | None = None) -> SmoothingReport:
+    """``apply_smoothing`` for decoder block ``b`` alone (the block-streamed search smooths each
+    block as it is read); ``stats`` needs the block's layers, by full name."""
+    import fnmatch
+
+    report = report if report is not None else SmoothingReport()
+    prefix = f"{arch.blocks}.{b}."
+    for pair in arch.pairs_for(config):
+        names = [prefix + c for c in pair.consumers]
+        if not any(fnmatch.fnmatchcase(n, g) for n in names for g in step.layers):
+            continue
+        first = stats[names[0]]
+        weights = [block.get_submodule(c).weight for c in pair.consumers]
+        if step.method == "bismooth-median":
+            act_r = first.channel_median()
+            w_r = torch.cat([w.detach().abs().float() for w in weights]).median(dim=0).values.cpu()
+        else:
+            act_r = first.channel_absmax
+            w_r = torch.stack([w.detach().abs().float().amax(0) for w in weights]).amax(0).cpu()
+        if step.method == "smoothquant" and step.alpha == "auto":
+            specs = [scheme.resolve(n) if scheme is not None else None for n in names]
+            if any(ls is None or not ls.is_quantized for ls in specs) or first.rows is None:
+                if scheme is None or first.rows is None:
+                    raise QDoctorError("alpha: auto needs the target scheme and sampled calibration rows")
+                report.alphas[prefix + pair.producer] = None
+                continue  # a consumer stays in high precision: leave the pair alone
+            alpha, s = search_alpha([stats[n] for n in names], weights, specs, act_r, w_r)
+            report.alphas[prefix + pair.producer] = alpha
+            if alpha is None:
                 continue
-            first = stats[names[0]]
-            weights = [block.get_submodule(c).weight for c in pair.consumers]
-            if step.method == "bismooth-median":
-                act_r = first.channel_median()
-                w_r = torch.cat([w.detach().abs().float() for w in weights]).median(dim=0).values.cpu()
-            else:
-                act_r = first.channel_absmax
-                w_r = torch.stack([w.detach().abs().float().amax(0) for w in weights]).amax(0).cpu()
-            if step.method == "smoothquant" and step.alpha == "auto":
-                specs = [scheme.resolve(n) if scheme is not None else None for n in names]
-                if any(ls is None or not ls.is_quantized for ls in specs) or first.rows is None:
-                    if scheme is None or first.rows is None:
-                        raise QDoctorError("alpha: auto needs the target scheme and sampled calibration rows")
-                    report.alphas[prefix + pair.producer] = None
-                    continue  # a consumer stays in high precision: leave the pair alone
-                alpha, s = search_alpha([stats[n] for n in names], weights, specs, act_r, w_r)
-                report.alphas[prefix + pair.producer] = alpha
-                if alpha is None:
-                    continue
-            elif step.method == "smoothquant":
-                s = smoothquant_scales(act_r, w_r, step.alpha)
-            else:
-                s = bismooth_scales(act_r, w_r, step.alpha)
-            for n, w in zip(names, weights):
-                report.weight_absmax_before[n] = float(w.abs().max())
-            fold_scales(block, arch, pair, s)
-            for n, w in zip(names, weights):
-                report.weight_absmax_after[n] = float(w.abs().max())
-                stats[n].rescale_channels(1.0 / s.cpu())
-            report.pairs += 1
+        elif step.method == "smoothquant":
+            s = smoothquant_scales(act_r, w_r, step.alpha)
+        else:
+            s = bismooth_scales(act_r, w_r, step.alpha)
+        for n, w in zip(names, weights):
+            report.weight_absmax_before[n] = float(w.abs().max())
+        fold_scales(block, arch, pair, s)
+        for n, w in zip(names, weights):
+            report.weight_absmax_after[n] = float(w.abs().max())
+            stats[n].rescale_channels(1.0 / s.cpu())
+        report.pairs += 1
     return report

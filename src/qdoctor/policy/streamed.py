@@ -1,0 +1,150 @@
+"""The plan search for block-streamed (lazy) models: ``qdoctor fix --stream``.
+
+Same staged search as ``policy.search`` (it calls ``search(..., searcher=StreamedSearcher)``),
+with everything that needs weights done block by block, so a 70B-class model needs one block of
+device memory at a time:
+
+- calibration: one streamed pass (``calib.collect`` detects the lazy model);
+- evidence (per-layer spike ratio, weight output errors, the coarsest sufficient group size):
+  one pass over the blocks, weights only — no forward;
+- a candidate plan: one streamed forward of the held-out windows in which block i, freshly read
+  from its source, is smoothed (``transforms.smoothing.smooth_block``) and quantized
+  (``quantize(block, ..., prefix=...)``) before it runs. Nothing needs undoing: the block is
+  dropped after use and the next plan reads it again.
+
+Per plan the cost is one read of every block plus one forward of the held-out windows, so the
+search costs (number of trials + 3) passes over the checkpoint. Only the perplexity metric is
+supported here (the zero-shot metric would need a streamed forward per batch of requests).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+
+from qdoctor.calib.collect import CalibrationStats, calibrate
+from qdoctor.errors import QDoctorError
+from qdoctor.eval.perplexity import _streamed_nll, perplexity
+from qdoctor.models.lazy import is_lazy
+from qdoctor.models.registry import arch_for, block_linear_names, get_blocks
+from qdoctor.policy.evidence import LayerEvidence, choose_group_size, group_size_for, output_rel_error
+from qdoctor.policy.metric import PerplexityMetric
+from qdoctor.policy.search import FixConfig, Plan, Searcher, Trial, heldout_windows, resolve_target
+from qdoctor.quant.apply import quantize
+from qdoctor.quant.granularity import PerChannel, PerGroup
+from qdoctor.quant.spec import QuantSpec
+from qdoctor.stats.spikes import spike_ratio
+from qdoctor.transforms.smoothing import smooth_block
+
+
+def each_block(model, fn, progress: bool = False, desc: str = "blocks") -> None:
+    """``fn(i, block)`` for every decoder block, materializing lazy blocks one at a time
+    (weights only, no forward)."""
+    from tqdm.auto import tqdm
+
+    lazy = getattr(model, "qdoctor_lazy", None)
+    for i, block in enumerate(tqdm(get_blocks(model), desc=desc, unit="block", disable=not progress, leave=False)):
+        if lazy is not None:
+            lazy.load(model, i)
+        try:
+            fn(i, block)
+        finally:
+            if lazy is not None:
+                lazy.release(model, i)
+
+
+class StreamedSearcher(Searcher):
+    """``Searcher`` for a lazy model (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, config: FixConfig, progress: bool = True):
+        if not is_lazy(model):
+            raise QDoctorError("StreamedSearcher needs a lazy model (qdoctor.load(..., stream=True))")
+        if config.metric_spec.name != "ppl":
+            raise QDoctorError("--stream searches with the perplexity metric only (--metric ppl)")
+        self.model, self.tok, self.config, self.progress = model, tokenizer, config, progress
+        self.target = resolve_target(config.target)
+        self.metric_spec = config.metric_spec
+        self.arch = arch_for(model)
+        self.names = block_linear_names(model, self.arch)
+        self.snapshot = None  # nothing to restore: every plan reads fresh blocks
+        self.stats = calibrate(model, tokenizer, config.calibration, layer_names=self.names)
+        self.windows = heldout_windows(tokenizer, config, self.arch)
+        self.fp_ppl = perplexity(model, tokenizer, windows=self.windows, progress=progress, desc="fp held-out").ppl
+        self._fp_cache: dict = {}
+        self._group_sizes: dict[str, int] = {}
+        self.evidence = self._evidence()
+        c = config
+        self.metric = PerplexityMetric(tokenizer, self.windows, fp_value=self.fp_ppl,
+                                       source=f"last {c.calibration.holdout_fraction:.0%} of {c.calibration.source}")
+
+    def _evidence(self) -> dict[str, LayerEvidence]:
+        """``policy.evidence.layer_evidence`` block by block; the group size of every layer whose
+        per-channel weight error exceeds the threshold is chosen in the same pass."""
+        out: dict[str, LayerEvidence] = {}
+        prefix = self.arch.blocks
+
+        def fn(i, block):
+            for rel in self.arch.linears:
+                name = f"{prefix}.{i}.{rel}"
+                st = self.stats[name]
+                w = block.get_submodule(rel).weight.detach().float()
+                g = group_size_for(w.shape[1], self.config.group_size)
+                if st.rows is not None:
+                    x = st.rows.to(w.device)
+                    e_ch = output_rel_error(x, w, QuantSpec("int8", PerChannel()))
+                    e_gr = output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
+                    if e_ch > self.config.weight_error_threshold:
+                        self._group_sizes[name] = choose_group_size(x, w, self.config.weight_error_threshold)[0]
+                else:
+                    e_ch = e_gr = float("nan")
+                out[name] = LayerEvidence(name=name, spike_ratio=spike_ratio(st.token_absmax),
+                                          act_absmax=st.tensor_absmax, weight_absmax=float(w.abs().max()),
+                                          out_w_channel=e_ch, out_w_group=e_gr, group_size=g)
+
+        each_block(self.model, fn, progress=self.progress, desc="evidence")
+        return out
+
+    def group_size(self, name: str) -> int:
+        if name not in self._group_sizes:
+            raise QDoctorError(f"{name}: no group size was chosen (its per-channel weight error is within "
+                               "the threshold)")
+        return self._group_sizes[name]
+
+    def fp_ppl_of(self, windows: torch.Tensor) -> float:
+        key = (windows.data_ptr(), tuple(windows.shape))
+        if key not in self._fp_cache:
+            self._fp_cache[key] = perplexity(self.model, self.tok, windows=windows, progress=False).ppl
+        return self._fp_cache[key]
+
+    def evaluate(self, plan: Plan, windows: torch.Tensor | None = None) -> Trial:
+        """Held-out perplexity of ``plan``: one streamed pass, block i smoothed and quantized as read."""
+        t0 = time.perf_counter()
+        windows = self.windows if windows is None else windows
+        recipe = self.recipe(plan)
+        arch, cfg = self.arch, self.model.config
+        if plan.smoothing and any(ls.activations is not None and not ls.activations.dynamic
+                                  and ls.activations.observer != "absmax"
+                                  for ls in [recipe.scheme.default, *recipe.scheme.overrides.values()]):
+            raise QDoctorError("smoothing with a percentile observer needs a recalibration pass; "
+                               "not supported with --stream")
+
+        def transform(i, block):
+            prefix = f"{arch.blocks}.{i}."
+            names = [prefix + r for r in arch.linears]
+            stats = self.stats
+            if plan.smoothing:  # smoothing rescales the statistics it reads: work on this block's copy
+                stats = CalibrationStats(layers={n: copy.deepcopy(self.stats.layers[n]) for n in names},
+                                         input_ids=self.stats.input_ids, config=self.stats.config)
+            for step in recipe.smoothing:
+                smooth_block(cfg, arch, i, block, stats, step, recipe.scheme)
+            quantize(block, recipe.scheme, calibration=stats, progress=False, prefix=prefix)
+
+        nll, count = _streamed_nll(self.model, windows, 1, False, f"plan {plan.label}", block_transform=transform)
+        ppl = math.exp(nll / count)
+        ref = self.fp_ppl if windows is self.windows else self.fp_ppl_of(windows)
+        return Trial(plan.label, ppl, 100.0 * (ppl / ref - 1.0), len(plan.kept()), len(plan.per_group()),
+                     time.perf_counter() - t0, plan)
+
