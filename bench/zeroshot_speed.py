@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa,lambada_openai")
     ap.add_argument("--items", type=int, default=48, help="items per task (seeded subsample)")
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--batch-size", type=int, default=16, help="requests per forward, both sides")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward, both sides (as lm-eval counts them)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--dtype", default="fp32")

@@ -273,9 +273,52 @@ def test_item_is_one_tree_row_with_the_prefix_once(llama):
     assert [r.tokens for r in unshared] == [ctx + [5], ctx] and not unshared[0].packed
 
 
-def test_short_items_are_packed_into_rows_of_the_longest(llama):
+def _assert_equals_reference(model, groups, got):
+    for g, res in zip(groups, got):
+        for (ll, greedy), (ll_ref, greedy_ref) in zip(res, _reference(model, g)):
+            assert ll == pytest.approx(ll_ref, abs=2e-4) and greedy == greedy_ref
+
+
+def test_flat_layout_is_one_unpadded_row_per_batch(llama):
+    model, tok = llama
+    scorer = LoglikelihoodScorer(model, batch_size=16, max_length=512, progress=False)
+    assert scorer.flat  # sdpa llama: items concatenated, attention item by item
+    groups = _some_items(tok, tasks=("arc_easy", "winogrande", "piqa", "boolq"), n=4)
+    trees = [t for i, g in enumerate(groups) for t in scorer._trees(i, g)]
+    batches = scorer._batches(trees)
+    assert all(len(rows) == 1 for rows in batches)  # one row, no padding
+    assert all(sum(t.sequences for t in rows[0]) <= 16 for rows in batches)
+    # first-fit decreasing: as few forwards as lm-eval's full batches of 16 sequences allow
+    assert len(batches) == -(-sum(t.sequences for t in trees) // 16)
+    assert sorted(t.item for rows in batches for t in rows[0]) == list(range(len(groups)))
+    kwargs, segments = scorer._inputs(batches[0])
+    assert kwargs["input_ids"].shape == (1, sum(len(t.tokens) for t in batches[0][0]))
+    assert "attention_mask" not in kwargs and segments.groups[0].start == 0
+    _assert_equals_reference(model, groups, scorer.score(groups))
+    assert model.config._attn_implementation == "sdpa"  # restored after every forward
+
+
+@pytest.mark.parametrize("alone_from, budget", [(0, 1 << 22), (10_000, 1 << 22), (10_000, 1), (40, 5_000)])
+def test_flat_attention_groups(llama, alone_from, budget):
+    """Items attended alone (sliced, causal or tree mask) or several in one padded call: same scores."""
     model, tok = llama
     scorer = LoglikelihoodScorer(model, batch_size=64, max_length=512, progress=False)
+    scorer.alone_from, scorer.attention_budget = alone_from, budget
+    groups = _some_items(tok, tasks=("arc_easy", "hellaswag", "boolq", "lambada_openai"), n=3)
+    trees = sorted((t for i, g in enumerate(groups) for t in scorer._trees(i, g)), key=lambda t: -len(t.tokens))
+    runs = scorer._attention_groups(trees)
+    assert [t for run in runs for t in run] == trees
+    for run in runs:
+        longest = max(len(t.tokens) for t in run)
+        assert len(run) == 1 or (longest <= alone_from and len(run) * longest ** 2 <= budget)
+    _assert_equals_reference(model, groups, scorer.score(groups))
+
+
+def test_row_layout_packs_short_items_into_rows_of_the_longest(llama):
+    """The layout of models without the flat one (eager attention, other model code)."""
+    model, tok = llama
+    scorer = LoglikelihoodScorer(model, batch_size=64, max_length=512, progress=False)
+    scorer.flat = False
     groups = _some_items(tok, tasks=("arc_easy", "winogrande", "piqa"), n=4)
     trees = [t for i, g in enumerate(groups) for t in scorer._trees(i, g)]
     (rows,) = scorer._batches(trees)
@@ -283,10 +326,63 @@ def test_short_items_are_packed_into_rows_of_the_longest(llama):
     assert len(rows) < len(trees)  # several items share a row
     assert all(sum(len(t.tokens) for t in row) <= width for row in rows)
     assert sorted(t.item for row in rows for t in row) == list(range(len(groups)))
-    got = scorer.score(groups)  # packed rows: still every request equals its own sequence
-    for g, res in zip(groups, got):
-        for (ll, greedy), (ll_ref, greedy_ref) in zip(res, _reference(model, g)):
-            assert ll == pytest.approx(ll_ref, abs=2e-4) and greedy == greedy_ref
+    _assert_equals_reference(model, groups, scorer.score(groups))  # packed rows: each request exact
+
+
+def test_flat_layout_falls_back_to_rows_when_layers_bypass_it(llama):
+    model, tok = llama
+    scorer = LoglikelihoodScorer(model, batch_size=8, max_length=512, progress=False)
+    scorer.n_layers += 1  # as if one layer had not run the segment attention
+    groups = _some_items(tok, tasks=("arc_easy", "boolq"), n=2)
+    with pytest.warns(UserWarning, match="flat layout unsupported"):
+        got = scorer.score(groups)
+    assert not scorer.flat and model.config._attn_implementation == "sdpa"
+    _assert_equals_reference(model, groups, got)
+
+
+def test_sliding_window_mixes_flat_items_and_unpacked_requests():
+    """Requests longer than the window run as padded rows through the model's own masks; the
+    others as flat trees. Both in one call, each request equal to its own sequence."""
+    model, tok = tiny_model("mistral"), tiny_tokenizer()
+    model.config.sliding_window = 70  # items of 40..84 tokens (and two BoolQ ones over 512)
+    scorer = LoglikelihoodScorer(model, batch_size=6, max_length=512, progress=False)
+    assert scorer.flat and scorer.window == 70
+    groups = _some_items(tok, tasks=("arc_easy", "winogrande", "boolq", "hellaswag"), n=2)
+    trees = [t for i, g in enumerate(groups) for t in scorer._trees(i, g)]
+    assert any(t.packed for t in trees) and any(not t.packed for t in trees)
+    batches = scorer._batches(trees)
+    assert sorted(id(t) for rows in batches for row in rows for t in row) == sorted(id(t) for t in trees)
+    assert all(len({t.packed for row in rows for t in row}) == 1 for rows in batches)
+    _assert_equals_reference(model, groups, scorer.score(groups))
+
+
+def test_batch_counts_distinct_sequences_as_lm_eval(llama):
+    """HFLM runs requests with the same context + continuation[:-1] once and counts them once."""
+    model, _ = llama
+    scorer = LoglikelihoodScorer(model, batch_size=2, max_length=512, progress=False)
+    boolq_like = [[([3, 4, 5, 6], [7]), ([3, 4, 5, 6], [8])] for _ in range(4)]
+    trees = [t for i, g in enumerate(boolq_like) for t in scorer._trees(i, g)]
+    assert [t.sequences for t in trees] == [1] * 4 and trees[0].tokens == [3, 4, 5, 6]
+    assert [len(rows[0]) for rows in scorer._batches(trees)] == [2, 2]
+    (multi,) = scorer._trees(0, [([3, 4], [5, 6]), ([3, 4], [5, 7]), ([3, 4], [9])])
+    assert multi.sequences == 2  # inputs [3, 4, 5], [3, 4, 5], [3, 4]
+
+
+def test_token_scores_equal_log_softmax_and_first_argmax():
+    """Shared rows, targets tied at the maximum (argmax = first maximum), in-place logsumexp."""
+    from qdoctor.eval.zeroshot.scorer import _token_scores
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(300):
+        logits = (torch.randint(0, 4, (6, 10), generator=gen).float() if trial % 2
+                  else torch.randn(6, 10, generator=gen))
+        rows = torch.randint(0, 6, (15,), generator=gen)
+        targets = torch.randint(0, 10, (15,), generator=gen)
+        targets[::3] = logits[rows[::3]].argmax(-1)
+        lp, greedy = _token_scores(logits.clone(), rows, targets)
+        assert torch.equal(greedy, logits[rows].argmax(-1) == targets)
+        want = torch.log_softmax(logits.double(), -1)[rows, targets]
+        assert torch.allclose(lp, want, atol=1e-6)
 
 
 def test_left_truncation_to_max_length(llama):

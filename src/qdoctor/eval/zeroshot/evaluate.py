@@ -132,7 +132,9 @@ def evaluate(model, tokenizer, tasks: "list[str] | tuple[str, ...] | None" = Non
         (quantized qdoctor models included).
     limit / subsample: the first N items, or N items drawn with ``seed`` — an int for every
         task or a {task: N} mapping.
-    batch_size: requests (continuations) per forward; an item's choices stay in one batch.
+    batch_size: distinct input sequences per forward, counted as lm-eval's HFLM counts its
+        batch (choices with the same context + continuation[:-1] are one); an item's choices
+        stay in one batch.
     data_dir: a folder with ``<task>.jsonl[.gz]`` files in the task schemas (docs/zeroshot.md),
         used instead of the shipped data.
     add_bos_token: as lm-eval HFLM's model_arg (None: the tokenizer's default).
