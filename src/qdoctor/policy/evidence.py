@@ -59,20 +59,22 @@ def choose_group_size(x: torch.Tensor, w: torch.Tensor, threshold: float,
 
 def layer_evidence(model, stats, group_size: int = 128) -> dict[str, LayerEvidence]:
     """Evidence for every layer in ``stats`` (needs sampled rows for the output errors)."""
-    out: dict[str, LayerEvidence] = {}
-    for name, st in stats.layers.items():
-        w = model.get_submodule(name).weight.detach().float()
-        g = group_size_for(w.shape[1], group_size)
-        if st.rows is not None:
-            x = st.rows
-            e_ch = output_rel_error(x, w, QuantSpec("int8", PerChannel()))
-            e_gr = output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
-        else:
-            e_ch = e_gr = float("nan")
-        out[name] = LayerEvidence(name=name, spike_ratio=spike_ratio(st.token_absmax), act_absmax=st.tensor_absmax,
-                                  weight_absmax=float(w.abs().max()), out_w_channel=e_ch, out_w_group=e_gr,
-                                  group_size=g)
-    return out
+    return {name: layer_evidence_of(name, model.get_submodule(name).weight, st, group_size)
+            for name, st in stats.layers.items()}
+
+
+def layer_evidence_of(name: str, weight, st, group_size: int = 128) -> LayerEvidence:
+    """The evidence of one layer from its weight and its ``LinearInputStats``."""
+    w = weight.detach().float()
+    g = group_size_for(w.shape[1], group_size)
+    if st.rows is not None:
+        x = st.rows.to(w.device)
+        e_ch = output_rel_error(x, w, QuantSpec("int8", PerChannel()))
+        e_gr = output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
+    else:
+        e_ch = e_gr = float("nan")
+    return LayerEvidence(name=name, spike_ratio=spike_ratio(st.token_absmax), act_absmax=st.tensor_absmax,
+                         weight_absmax=float(w.abs().max()), out_w_channel=e_ch, out_w_group=e_gr, group_size=g)
 
 
 def rank_spikes(evidence: dict[str, LayerEvidence], min_ratio: float) -> list[str]:

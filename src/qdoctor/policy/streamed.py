@@ -30,13 +30,11 @@ from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import _streamed_nll, perplexity
 from qdoctor.models.lazy import is_lazy
 from qdoctor.models.registry import arch_for, block_linear_names, get_blocks
-from qdoctor.policy.evidence import LayerEvidence, choose_group_size, group_size_for, output_rel_error
+from qdoctor.policy.evidence import LayerEvidence, choose_group_size, layer_evidence_of
 from qdoctor.policy.metric import PerplexityMetric
+from qdoctor.policy.recipe import _uses_percentile
 from qdoctor.policy.search import FixConfig, Plan, Searcher, Trial, heldout_windows, resolve_target
 from qdoctor.quant.apply import quantize
-from qdoctor.quant.granularity import PerChannel, PerGroup
-from qdoctor.quant.spec import QuantSpec
-from qdoctor.stats.spikes import spike_ratio
 from qdoctor.transforms.smoothing import smooth_block
 
 
@@ -89,20 +87,12 @@ class StreamedSearcher(Searcher):
         def fn(i, block):
             for rel in self.arch.linears:
                 name = f"{prefix}.{i}.{rel}"
-                st = self.stats[name]
-                w = block.get_submodule(rel).weight.detach().float()
-                g = group_size_for(w.shape[1], self.config.group_size)
-                if st.rows is not None:
-                    x = st.rows.to(w.device)
-                    e_ch = output_rel_error(x, w, QuantSpec("int8", PerChannel()))
-                    e_gr = output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
-                    if e_ch > self.config.weight_error_threshold:
-                        self._group_sizes[name] = choose_group_size(x, w, self.config.weight_error_threshold)[0]
-                else:
-                    e_ch = e_gr = float("nan")
-                out[name] = LayerEvidence(name=name, spike_ratio=spike_ratio(st.token_absmax),
-                                          act_absmax=st.tensor_absmax, weight_absmax=float(w.abs().max()),
-                                          out_w_channel=e_ch, out_w_group=e_gr, group_size=g)
+                w = block.get_submodule(rel).weight
+                e = out[name] = layer_evidence_of(name, w, self.stats[name], self.config.group_size)
+                if e.out_w_channel > self.config.weight_error_threshold:  # NaN (no rows) compares False
+                    x = self.stats[name].rows.to(w.device)
+                    self._group_sizes[name] = choose_group_size(x, w.detach().float(),
+                                                                self.config.weight_error_threshold)[0]
 
         each_block(self.model, fn, progress=self.progress, desc="evidence")
         return out
@@ -113,21 +103,13 @@ class StreamedSearcher(Searcher):
                                "the threshold)")
         return self._group_sizes[name]
 
-    def fp_ppl_of(self, windows: torch.Tensor) -> float:
-        key = (windows.data_ptr(), tuple(windows.shape))
-        if key not in self._fp_cache:
-            self._fp_cache[key] = perplexity(self.model, self.tok, windows=windows, progress=False).ppl
-        return self._fp_cache[key]
-
     def evaluate(self, plan: Plan, windows: torch.Tensor | None = None) -> Trial:
         """Held-out perplexity of ``plan``: one streamed pass, block i smoothed and quantized as read."""
         t0 = time.perf_counter()
         windows = self.windows if windows is None else windows
         recipe = self.recipe(plan)
         arch, cfg = self.arch, self.model.config
-        if plan.smoothing and any(ls.activations is not None and not ls.activations.dynamic
-                                  and ls.activations.observer != "absmax"
-                                  for ls in [recipe.scheme.default, *recipe.scheme.overrides.values()]):
+        if plan.smoothing and _uses_percentile(recipe.scheme):
             raise QDoctorError("smoothing with a percentile observer needs a recalibration pass; "
                                "not supported with --stream")
 
