@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     out["scan"] = {"seconds": round(scan_s, 1), "seconds_per_block": round(scan_s / config.num_hidden_layers, 2),
                    "calibration_tokens": args.calib_samples * args.calib_seqlen,
                    "verdicts": report.summary.to_dict() if hasattr(report.summary, "to_dict") else None,
-                   "flagged_weight_outlier_layers": [f.name for f in report.layers if f.weight_outlier]}
+                   "flagged_weight_outlier_layers": [f.name for f in report.layers if f.weight_outlier],
+                   "timing": report.timing}
     if cuda:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()

@@ -71,3 +71,19 @@ def save_tiny(family: str, path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def cli_reports_whole_and_streamed(tmp_path: Path, args: list[str], ok: tuple[int, ...] = (0,)) -> tuple[dict, dict]:
+    """Run ``qdoctor <args> --json …`` on the whole model, then again with ``--stream``; the two
+    JSON reports (whole, streamed). Each run must exit with a code in ``ok``."""
+    import json
+
+    from qdoctor.cli import main
+
+    reports = []
+    for mode in ("whole", "stream"):
+        js = tmp_path / f"{mode}.json"
+        code = main(args + ["--json", str(js)] + (["--stream"] if mode == "stream" else []))
+        assert code in ok, f"{mode}: exit code {code}"
+        reports.append(json.loads(js.read_text()))
+    return reports[0], reports[1]

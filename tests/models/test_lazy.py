@@ -11,7 +11,7 @@ from qdoctor.eval.perplexity import perplexity
 from qdoctor.models.lazy import RandomSource, SafetensorsSource, is_lazy, load_lazy
 from qdoctor.models.registry import block_linear_names, get_blocks
 from qdoctor.models.streaming import stream_blocks
-from tests.helpers import save_tiny, tiny_config, tiny_model, tiny_tokenizer
+from tests.helpers import cli_reports_whole_and_streamed, save_tiny, tiny_config, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(params=["llama", "qwen2", "gemma3_text"])
@@ -144,14 +144,10 @@ def test_scan_cli_stream_matches_whole_model(tmp_path, capsys):
     from qdoctor.cli import main
 
     save_tiny("llama", tmp_path / "m")
-    reports = {}
-    for mode in ("whole", "stream"):
-        js = tmp_path / f"{mode}.json"
-        args = ["scan", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "fp32", "--calib-samples", "2",
-                "--calib-seqlen", "32", "--json", str(js), "--quiet"] + (["--stream"] if mode == "stream" else [])
-        assert main(args) == 0
-        reports[mode] = json.loads(js.read_text())
-    a, b = reports["whole"]["layers"], reports["stream"]["layers"]
+    whole, streamed = cli_reports_whole_and_streamed(
+        tmp_path, ["scan", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "fp32", "--calib-samples", "2",
+                   "--calib-seqlen", "32", "--quiet"])
+    a, b = whole["layers"], streamed["layers"]
     assert [x["name"] for x in a] == [x["name"] for x in b]
     assert [x["verdict"] for x in a] == [x["verdict"] for x in b]
     capsys.readouterr()
@@ -159,3 +155,19 @@ def test_scan_cli_stream_matches_whole_model(tmp_path, capsys):
     assert "not available with --stream" in capsys.readouterr().err
     assert main(["scan", "--model", "smollm2-135m", "--stream", "--quiet"]) == 2
     assert "--stream reads a local Hugging Face directory" in capsys.readouterr().err
+
+
+def test_streamed_perplexity_head_chunks_do_not_change_the_nll(saved, monkeypatch):
+    """The LM head runs over a few tokens at a time (fp32 logits of a 128k vocabulary are big);
+    chunks of 7 tokens — not dividing the window — give the NLL of the whole-model pass."""
+    import qdoctor.eval.perplexity as P
+
+    family, path = saved
+    w = _windows()
+    whole = perplexity(tiny_model(family).eval(), None, windows=w, progress=False)
+    lazy = load_lazy(path, dtype=torch.float32, device="cpu")
+    vocab = lazy.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(P, "_HEAD_CHUNK_ELEMS", 7 * vocab)
+    chunked = perplexity(lazy, None, windows=w, progress=False)
+    assert chunked.n_tokens == whole.n_tokens
+    assert chunked.nll == pytest.approx(whole.nll, rel=1e-5)

@@ -10,7 +10,7 @@ from qdoctor.models.registry import get_blocks
 from qdoctor.policy.search import FixConfig, Plan, Searcher, group_scheme, keep_scheme, search
 from qdoctor.policy.streamed import StreamedSearcher
 from qdoctor.transforms.smoothing import SmoothingStep
-from tests.helpers import save_tiny, tiny_model, tiny_tokenizer
+from tests.helpers import cli_reports_whole_and_streamed, save_tiny, tiny_model, tiny_tokenizer
 
 
 def _config(**kw):
@@ -77,20 +77,13 @@ def test_stream_rejects_task_metric_and_eager_models(tmp_path):
 
 
 def test_fix_cli_stream_matches_whole_model(tmp_path, capsys):
-    import json
-
     from qdoctor.cli import main
 
     save_tiny("llama", tmp_path / "m")
-    out = {}
-    for mode in ("whole", "stream"):
-        js = tmp_path / f"{mode}.json"
-        args = ["fix", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "fp32", "--calib-samples", "4",
-                "--calib-seqlen", "32", "--sample-rows", "64", "--eval-windows", "1", "--eval-seqlen", "64",
-                "--limit", "1", "--seqlen", "64", "--budget", "50", "--json", str(js)]
-        assert main(args + (["--stream"] if mode == "stream" else [])) in (0, 3)
-        out[mode] = json.loads(js.read_text())
-    a, b = out["whole"], out["stream"]
+    a, b = cli_reports_whole_and_streamed(
+        tmp_path, ["fix", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "fp32", "--calib-samples", "4",
+                   "--calib-seqlen", "32", "--sample-rows", "64", "--eval-windows", "1", "--eval-seqlen", "64",
+                   "--limit", "1", "--seqlen", "64", "--budget", "50"], ok=(0, 3))
     assert b["plan"] == a["plan"]
     for k in ("fp_ppl", "naive_ppl", "planned_ppl"):
         assert b["verification"][k] == pytest.approx(a["verification"][k], rel=1e-4), k

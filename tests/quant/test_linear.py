@@ -77,3 +77,17 @@ def test_fp8_linear_matches_dequantized_product():
     qw, sw = quantize(lin.weight.detach(), ls.weights)
     ref = (qx.double() @ qw.double().T) * sx.double() * sw.double().T + lin.bias.double()
     torch.testing.assert_close(QuantLinear(lin, ls)(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_hat_is_built_on_first_use_and_equals_codes_times_scales():
+    """ŵ (4 bytes per weight) is not materialized by the constructor — the GPU kernel path runs
+    from int8 codes and never needs it — and, once asked for, is D(Q(W)) from integer codes."""
+    lin = _lin()
+    ls = LayerScheme(QuantSpec("int8", PerChannel()), QuantSpec("int8", PerToken(), dynamic=True))
+    ql = QuantLinear(lin, ls)
+    assert ql._weight_hat is None
+    qw, sw = quantize(lin.weight.detach(), ls.weights)
+    torch.testing.assert_close(ql.weight_hat, qw.double().mul(sw.double()).float(), rtol=0, atol=0)
+    assert ql.weight_hat is ql.weight_hat  # cached
+    kept = QuantLinear(lin, LayerScheme(None, None, keep="bf16"))
+    assert torch.equal(kept.weight_hat, lin.weight.detach().bfloat16().float())

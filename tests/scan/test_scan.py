@@ -201,6 +201,22 @@ def test_planted_weight_outliers_are_found_exactly(family):
     assert "hold weight outliers: layer 0 q_proj/k_proj/v_proj/gate_proj/up_proj" in report.summary.lines[1]
 
 
+
+def test_summary_names_an_outlier_dimension_whose_error_stays_below_the_bound():
+    """The cause (an input dim far above the median) without the symptom (per-channel output
+    error above the bound) is no weight-outlier verdict, and the summary says why in numbers."""
+    model = tiny_model("llama")
+    clean = _scan(model, _cfg())
+    assert "largest input-dim max/median" in clean.summary.lines[1] and "≤ 25" in clean.summary.lines[1]
+    planted = plant_weight_outliers(model, blocks=(0,), dims=3, magnitude=100.0, seed=0)
+    report = _scan(model, _cfg(thresholds=Thresholds(weight_error=0.99)))
+    assert report.summary.weight_outlier_layers == []
+    top = max(report.layers, key=lambda f: f.weight.max_median_ratio)
+    assert top.name in planted.layers and top.weight.max_median_ratio > 25
+    line = report.summary.lines[1]
+    assert line.startswith("0 of ") and f"> 25 in {top.name}, but its per-channel INT8" in line
+    assert f"{100 * top.errors['out_w_channel']:.2f}% ≤ 99%" in line
+
 def _engineer_spike(model, token_id: int, scale: float = 60.0):
     """A massive activation at every occurrence of ``token_id`` in block 0's down_proj input:
     its embedding is scaled up (so its post-attention hidden state points along it) and one

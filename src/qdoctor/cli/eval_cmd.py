@@ -70,7 +70,11 @@ def run(args) -> int:
         return run_recipes(args, schemes)
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    rows = run_table(model, tok, schemes, args)
+    return finish(args, run_table(model, tok, schemes, args), t0)
+
+
+def finish(args, rows, t0: float) -> int:
+    """Print the perplexity table of ``rows`` and write it as JSON when asked (atomically)."""
     report = build_report(args, rows, time.perf_counter() - t0)
     print_table(report)
     if args.json:
@@ -167,14 +171,7 @@ def run_recipes(args, plans) -> int:
         results.append(SchemeResult(name, getattr(plan, "description", "") or "recipe", ppl,
                                     quantized_layers=len(res.layers) - kept, kept_layers=kept,
                                     seconds=time.perf_counter() - t1))
-    report = build_report(args, results, time.perf_counter() - t0)
-    print_table(report)
-    if args.json:
-        from qdoctor.io import atomic_write_json
-
-        atomic_write_json(args.json, report)
-        say(f"wrote {args.json}")
-    return 0
+    return finish(args, results, t0)
 
 
 def run_tasks(args, plans) -> int:

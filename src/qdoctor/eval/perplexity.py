@@ -114,11 +114,19 @@ def _streamed_nll(model, windows: torch.Tensor, batch_size: int, progress: bool,
     hidden = stream_blocks(model, windows, on_block, batch_size=max(batch_size, 1), progress=progress, desc=desc,
                            final_outputs=True)
     nll_sum, count, start = 0.0, 0, 0
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = max(1, _HEAD_CHUNK_ELEMS // vocab)  # tokens whose fp32 logits are alive at once
     for h in hidden:
         batch = windows[start:start + h.shape[0]].to(h.device)
         start += h.shape[0]
-        logits = final_logits(model, h)[:, :-1].float()
-        target = batch[:, 1:]
-        nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
+        states = h[:, :-1].reshape(-1, h.shape[-1])
+        target = batch[:, 1:].reshape(-1)
+        for a in range(0, states.shape[0], rows):
+            logits = final_logits(model, states[a:a + rows]).float()
+            nll_sum += float(F.cross_entropy(logits, target[a:a + rows], reduction="sum"))
         count += target.numel()
     return nll_sum, count
+
+
+# fp32 logits computed at once by the streamed evaluation (2^26 = 256 MB: 523 tokens of a 128k vocabulary)
+_HEAD_CHUNK_ELEMS = 1 << 26

@@ -16,8 +16,9 @@ before the final norm and LM head. Nothing but the embeddings is computed.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -117,20 +118,28 @@ def stream_blocks(model: nn.Module, input_ids: torch.Tensor,
     ``on_block`` and dropped (back to ``meta``, transforms and all) once its outputs exist.
     With ``final_outputs`` the last block's outputs are returned (the input of the final norm)."""
     blocks = get_blocks(model, arch_for(model))
-    lazy = getattr(model, "qdoctor_lazy", None)
     inputs, all_kwargs = capture_block_inputs(model, input_ids, batch_size)
     out = None
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False):
         inputs = BlockInputs(inputs.hidden, all_kwargs[i])
-        if lazy is not None:
-            lazy.load(model, i)
-        try:
-            out = on_block(i, blocks[i], inputs)
+        with materialized(model, i) as block:
+            out = on_block(i, block, inputs)
             if out is None and (i + 1 < len(blocks) or final_outputs):
-                out = inputs.forward(blocks[i])
-        finally:
-            if lazy is not None:
-                lazy.release(model, i)
+                out = inputs.forward(block)
         if i + 1 < len(blocks):
             inputs = BlockInputs(out, all_kwargs[i + 1])
     return out if final_outputs else None
+
+
+@contextmanager
+def materialized(model: nn.Module, i: int) -> Iterator[nn.Module]:
+    """Decoder block i with real weights while the ``with`` lasts: a lazy model's block is read
+    from its source on entry and put back on ``meta`` on exit (transforms and all, even on an
+    error); an ordinary model's block is yielded as it is."""
+    lazy = getattr(model, "qdoctor_lazy", None)
+    block = lazy.load(model, i) if lazy is not None else get_blocks(model)[i]
+    try:
+        yield block
+    finally:
+        if lazy is not None:
+            lazy.release(model, i)

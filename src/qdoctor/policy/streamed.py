@@ -30,6 +30,7 @@ from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import _streamed_nll, perplexity
 from qdoctor.models.lazy import is_lazy
 from qdoctor.models.registry import arch_for, block_linear_names, get_blocks
+from qdoctor.models.streaming import materialized
 from qdoctor.policy.evidence import LayerEvidence, choose_group_size, layer_evidence_of
 from qdoctor.policy.metric import PerplexityMetric
 from qdoctor.policy.recipe import _uses_percentile
@@ -43,15 +44,9 @@ def each_block(model, fn, progress: bool = False, desc: str = "blocks") -> None:
     (weights only, no forward)."""
     from tqdm.auto import tqdm
 
-    lazy = getattr(model, "qdoctor_lazy", None)
-    for i, block in enumerate(tqdm(get_blocks(model), desc=desc, unit="block", disable=not progress, leave=False)):
-        if lazy is not None:
-            lazy.load(model, i)
-        try:
+    for i in tqdm(range(len(get_blocks(model))), desc=desc, unit="block", disable=not progress, leave=False):
+        with materialized(model, i) as block:
             fn(i, block)
-        finally:
-            if lazy is not None:
-                lazy.release(model, i)
 
 
 class StreamedSearcher(Searcher):

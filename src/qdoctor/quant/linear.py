@@ -44,11 +44,9 @@ class QuantLinear(nn.Module):
         if scheme.is_quantized:
             check_finite(w, f"weight of {name or 'layer'}")
             self.register_buffer("weight_scale", compute_scale(w, scheme.weights), persistent=False)
-            w_hat = fake_quantize(w, scheme.weights, self.weight_scale)
         else:
             self.weight_scale = None
-            w_hat = w.to(_KEEP_DTYPE[scheme.keep]).float()
-        self.register_buffer("weight_hat", w_hat, persistent=False)
+        self.register_buffer("_weight_hat", None, persistent=False)  # see weight_hat
         if act_scale is not None:
             act_scale = torch.as_tensor(act_scale, dtype=torch.float32)
         self.register_buffer("input_scale", act_scale, persistent=False)
@@ -56,6 +54,19 @@ class QuantLinear(nn.Module):
             from qdoctor.errors import QDoctorError
 
             raise QDoctorError(f"{name}: static activation quantization needs a calibrated scale")
+
+    @property
+    def weight_hat(self) -> torch.Tensor:
+        """ŵ in fp32: the fake-quantized weight D(Q(W)), or W rounded to the kept dtype. Computed
+        on first use and cached: the kernel path (codes + scales, 1 byte per weight) never needs
+        it, so on a GPU with kernels it costs no memory (4 bytes per weight otherwise)."""
+        w = self.weight.detach()
+        if self._weight_hat is None or self._weight_hat.device != w.device:
+            if self.scheme.is_quantized:
+                self._weight_hat = fake_quantize(w, self.scheme.weights, self.weight_scale.to(w.device))
+            else:
+                self._weight_hat = w.to(_KEEP_DTYPE[self.scheme.keep]).float()
+        return self._weight_hat
 
     def kernel_route(self) -> dict | None:
         """Keyword arguments for ``qdoctor.kernels`` when a real kernel implements this layer."""

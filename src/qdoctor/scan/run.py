@@ -105,7 +105,7 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
         for group in groups:
             rec = recorders[group[0]]
             rec.last_input = None
-            sub = ErrorSample.from_recorder(rec).to(block.get_submodule(group[0]).weight.device)
+            sub = ErrorSample.from_recorder(rec, device=block.get_submodule(group[0]).weight.device)
             for rel in group:
                 name = f"{arch.blocks}.{i}.{rel}"
                 block_findings[rel] = layer_finding(name, i, rel, block.get_submodule(rel).weight, rec, input_ids,
@@ -226,50 +226,48 @@ def input_groups(arch, model_config) -> list[tuple[str, ...]]:
 
 
 class ErrorSample:
-    """The error subsample of one input and its quantized versions, shared by every consumer.
+    """The error subsample of one input, shared by every consumer, on the device of the weights.
 
     Activation scales (s = a / qmax): per-tensor static a = max |x| over *all* calibration
     tokens; per-tensor dynamic a = max |x| over the row's own sequence (batch-1 inference);
-    per-token dynamic a = the row's own max. ``deltas[key] = Q(X) − X``."""
+    per-token dynamic a = the row's own max. ``delta(key) = Q(X) − X`` is recomputed on each call
+    (one T × K tensor at a time: an elementwise pass, cheap next to the error GEMMs, and it keeps
+    six variants of a 28672-wide input from sitting in memory together)."""
 
     def __init__(self, rows: torch.Tensor, samples: torch.Tensor, row_weights: torch.Tensor, is_spike: torch.Tensor,
-                 tensor_absmax: float, sequence_absmax: torch.Tensor):
-        self.x = rows.float()
-        self.row_weights = row_weights
-        self.is_spike = is_spike
+                 tensor_absmax: float, sequence_absmax: torch.Tensor, device=None):
+        device = torch.device(device) if device is not None else rows.device
+        self.x = rows.to(device).float()
+        self.row_weights = row_weights.to(device)
+        self.is_spike = is_spike.to(device)
         self._gram: torch.Tensor | None = None
-        x_sq = row_sq_norms(self.x)
-        t, k = self.x.shape
         self.keys = [f"{mode}_{dtype}" for dtype in ACT_DTYPES for mode in ACT_MODES]
-        # Every variant's Q(X) − X in one (variants · T, K) tensor: one GEMM per consumer, no copies.
-        self.stacked_deltas = torch.empty(len(self.keys) * t, k)
-        self.deltas: dict[str, torch.Tensor] = {}
-        self.act_errors: dict[str, float] = {}
+        self._quant: dict[str, tuple[QuantSpec, torch.Tensor | None]] = {}
+        seq = sequence_absmax[samples].view(-1, 1).float().to(device)
         for dtype in ACT_DTYPES:
             qmax = QuantSpec(dtype, PerTensor()).qmax
-            static = scale_from_absmax(torch.tensor(float(tensor_absmax)), qmax)
-            dynamic = scale_from_absmax(sequence_absmax[samples].view(-1, 1).float(), qmax)
-            for mode, spec, scale in (
-                ("tensor_static", QuantSpec(dtype, PerTensor(), dynamic=False), static),
-                ("tensor_dynamic", QuantSpec(dtype, PerTensor(), dynamic=True), dynamic),
-                ("token_dynamic", QuantSpec(dtype, PerToken(), dynamic=True), None),
-            ):
-                key = f"{mode}_{dtype}"
-                j = self.keys.index(key)
-                dx = self.stacked_deltas[j * t:(j + 1) * t]
-                torch.sub(fake_quantize(self.x, spec, scale), self.x, out=dx)
-                self.deltas[key] = dx
-                self.act_errors[f"a_{key}"] = weighted_norm_ratio(row_sq_norms(dx), x_sq, row_weights)
+            self._quant[f"tensor_static_{dtype}"] = (
+                QuantSpec(dtype, PerTensor(), dynamic=False),
+                scale_from_absmax(torch.tensor(float(tensor_absmax), device=device), qmax))
+            self._quant[f"tensor_dynamic_{dtype}"] = (QuantSpec(dtype, PerTensor(), dynamic=True),
+                                                      scale_from_absmax(seq, qmax))
+            self._quant[f"token_dynamic_{dtype}"] = (QuantSpec(dtype, PerToken(), dynamic=True), None)
+        x_sq = row_sq_norms(self.x)
+        self.act_errors = {f"a_{key}": weighted_norm_ratio(row_sq_norms(self.delta(key)), x_sq, self.row_weights)
+                           for key in self.keys}
+
+    def delta(self, key: str) -> torch.Tensor:
+        """Q(X) − X (T, K) in fp32 for the activation variant ``key`` (e.g. ``tensor_static_int8``)."""
+        spec, scale = self._quant[key]
+        return fake_quantize(self.x, spec, scale).sub_(self.x)
 
     def to(self, device) -> "ErrorSample":
         """The sample on ``device`` (where the weights are: the error GEMMs run there)."""
         device = torch.device(device)
         if self.x.device == device:
             return self
-        t = self.tokens
-        self.x, self.row_weights = self.x.to(device), self.row_weights.to(device)
-        self.is_spike, self.stacked_deltas = self.is_spike.to(device), self.stacked_deltas.to(device)
-        self.deltas = {key: self.stacked_deltas[j * t:(j + 1) * t] for j, key in enumerate(self.keys)}
+        self.x, self.row_weights, self.is_spike = self.x.to(device), self.row_weights.to(device), self.is_spike.to(device)
+        self._quant = {k: (spec, None if s is None else s.to(device)) for k, (spec, s) in self._quant.items()}
         if self._gram is not None:
             self._gram = self._gram.to(device)
         return self
@@ -289,9 +287,11 @@ class ErrorSample:
         return self._gram
 
     @classmethod
-    def from_recorder(cls, rec: InputRecorder) -> "ErrorSample":
+    def from_recorder(cls, rec: InputRecorder, device=None) -> "ErrorSample":
+        """The recorder's subsample, built on ``device`` (default: where the rows are)."""
         rows, samples, weights, is_spike = rec.error_rows()
-        return cls(rows, samples, weights, is_spike, float(rec.channel_absmax.max()), rec.token_absmax.amax(dim=1))
+        return cls(rows, samples, weights, is_spike, float(rec.channel_absmax.max()), rec.token_absmax.amax(dim=1),
+                   device=device)
 
 
 def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -324,17 +324,18 @@ def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple
                 yield w[a:a + step].float()
 
     # Activation side, per row: reference ‖y_t‖² and every variant's ‖e_t‖².
+    # One variant's Q(X) − X at a time (``ErrorSample.delta``), so at most one T × K delta is alive.
     if n_out * k * k + (len(keys) + 1) * t * k * k < (len(keys) + 1) * t * k * n_out:
         h = sum(wc.T @ wc for wc in row_blocks())
         y_sq = rows_quadratic_form(x, h)
-        e_sq = rows_quadratic_form(sample.stacked_deltas, h).view(len(keys), -1)
+        e_sq = torch.stack([rows_quadratic_form(sample.delta(key), h) for key in keys])
         del h
     else:
-        y_sq = e_sq = 0
-        for wc in row_blocks():
-            y_sq = y_sq + row_sq_norms(F.linear(x, wc))
-            e_sq = e_sq + row_sq_norms(F.linear(sample.stacked_deltas, wc))
-        e_sq = e_sq.view(len(keys), -1)
+        def sq_norms(inp: torch.Tensor) -> torch.Tensor:
+            return sum(row_sq_norms(F.linear(inp, wc)) for wc in row_blocks())
+
+        y_sq = sq_norms(x)
+        e_sq = torch.stack([sq_norms(sample.delta(key)) for key in keys])
     y_total = float((y_sq * rw).sum())
     # Weight side: only weighted totals are needed.
     use_gram = (0 if sample.has_gram else t * k * k) + 3 * n_out * k * k < 3 * t * k * n_out
@@ -392,7 +393,7 @@ def layer_finding(name: str, block: int, rel: str, weight: torch.Tensor, rec: In
     tids = spike_token_ids(ta, ids, factor)
     by_max, by_med = token_absmax_by_position(ta)
     ch_vals, ch_idx = rec.channel_absmax.topk(min(config.top_dims, k))
-    sample = (sample or ErrorSample.from_recorder(rec)).to(w.device)
+    sample = (sample or ErrorSample.from_recorder(rec, device=w.device)).to(w.device)
     errors, typical = layer_errors(w, sample, g)
     ratio = spike_ratio(ta)
     astats = ActivationStats(
@@ -492,9 +493,16 @@ def summarize(findings: list[LayerFinding], t: Thresholds) -> ScanSummary:
     if weights:
         lines.append(f"{len(weights)} of {n} linear layers hold weight outliers: {_layer_list(weights)}")
     elif findings:
+        top = max(findings, key=lambda f: f.weight.max_median_ratio or 0)
+        ratio = top.weight.max_median_ratio or 0
+        if ratio > t.weight_dim_ratio:  # the cause without the symptom
+            why = (f"largest input-dim max/median {ratio:.3g} > {t.weight_dim_ratio:g} in {top.name}, but its "
+                   f"per-channel INT8 weight-only output error is {100 * top.errors['out_w_channel']:.2f}% "
+                   f"≤ {100 * t.weight_error:g}%")
+        else:
+            why = f"largest input-dim max/median {ratio:.3g} ≤ {t.weight_dim_ratio:g}, {top.name}"
         lines.append(f"0 of {n} linear layers hold weight outliers (max|W| ≤ "
-                     f"{max(f.weight.max_abs for f in findings):.3g} everywhere; largest input-dim max/median "
-                     f"{max(f.weight.max_median_ratio or 0 for f in findings):.3g} ≤ {t.weight_dim_ratio:g})")
+                     f"{max(f.weight.max_abs for f in findings):.3g} everywhere; {why})")
     worst_spike = max(spikes, key=lambda f: f.spike_ratio, default=None)
     if worst_spike:
         a, e = worst_spike.activation, worst_spike.errors
