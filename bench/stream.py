@@ -2,7 +2,8 @@
 
     python bench/stream.py                          # 70B shapes, 80 blocks, scan 64 x 512 on cuda
     python bench/stream.py --fix --fix-calib 16     # then the plan search (block-streamed fix)
-    python bench/stream.py --shape tiny --device cpu --fix   # a smoke run anywhere
+    python bench/stream.py --layers 8 --export       # then the block-streamed export (W8A8 static, scan's statistics)
+    python bench/stream.py --shape tiny --device cpu --fix --export   # a smoke run anywhere
 
 The weights are random (``models.lazy.RandomSource``: N(0, 0.02²), norms 1, Qin-style ±90
 outliers planted in a few input dimensions of blocks 0-1's q/k/v/gate/up) and generated block
@@ -61,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fix-calib", type=int, default=64, help="calibration samples of the search")
     ap.add_argument("--fix-windows", type=int, default=2, help="held-out windows scoring each plan")
     ap.add_argument("--fix-seqlen", type=int, default=1024, help="held-out window length")
+    ap.add_argument("--no-scan", action="store_true", help="skip the scan (e.g. to time only the export)")
+    ap.add_argument("--export", action="store_true",
+                    help="also export the model block by block: w8a8-channel-tensor-static with the scan's "
+                         "statistics (with --no-scan: w8a8-channel-token, which needs none)")
+    ap.add_argument("--export-dir", default=None, help="where to write the export (default: a temporary directory, "
+                                                       "deleted after its size is measured)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -72,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     from qdoctor.io import atomic_write_json, peak_rss_mb
     from qdoctor.models.lazy import RandomSource, load_lazy
     from qdoctor.models.registry import get_blocks
-    from qdoctor.scan import ScanConfig, scan
+    from qdoctor.scan import ScanConfig, scan_with_stats
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shape = dict(SHAPES[args.shape])
@@ -103,27 +110,29 @@ def main(argv: list[str] | None = None) -> None:
           f"({out['sizes_gib']['one_block']} GiB each, {out['sizes_gib']['all_blocks']} GiB in all); resident "
           f"embeddings + head {out['sizes_gib']['resident_non_block']} GiB", flush=True)
 
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    t1 = time.perf_counter()
-    cal = CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
-    report = scan(model, tok, ScanConfig(calibration=cal, progress=True))
-    scan_s = time.perf_counter() - t1
-    out["scan"] = {"seconds": round(scan_s, 1), "seconds_per_block": round(scan_s / config.num_hidden_layers, 2),
-                   "calibration_tokens": args.calib_samples * args.calib_seqlen,
-                   "verdicts": report.summary.to_dict() if hasattr(report.summary, "to_dict") else None,
-                   "flagged_weight_outlier_layers": [f.name for f in report.layers if f.weight_outlier],
-                   "timing": report.timing}
-    if cuda:
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-        out["scan"]["peak_gpu_gib"] = gib(peak)
-        out["scan"]["peak_gpu_above_resident_gib"] = gib(peak - base)
-        out["scan"]["peak_in_blocks"] = round((peak - base) / (block_params * elem), 2)
-    out["scan"]["peak_host_rss_gib"] = round(peak_rss_mb() / 1024, 2)
-    print(json.dumps(out["scan"], indent=1), flush=True)
+    stats = None
+    if not args.no_scan:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        t1 = time.perf_counter()
+        cal = CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
+        report, stats = scan_with_stats(model, tok, ScanConfig(calibration=cal, progress=True))
+        scan_s = time.perf_counter() - t1
+        out["scan"] = {"seconds": round(scan_s, 1), "seconds_per_block": round(scan_s / config.num_hidden_layers, 2),
+                       "calibration_tokens": args.calib_samples * args.calib_seqlen,
+                       "verdicts": report.summary.to_dict() if hasattr(report.summary, "to_dict") else None,
+                       "flagged_weight_outlier_layers": [f.name for f in report.layers if f.weight_outlier],
+                       "timing": report.timing}
+        if cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            out["scan"]["peak_gpu_gib"] = gib(peak)
+            out["scan"]["peak_gpu_above_resident_gib"] = gib(peak - base)
+            out["scan"]["peak_in_blocks"] = round((peak - base) / (block_params * elem), 2)
+        out["scan"]["peak_host_rss_gib"] = round(peak_rss_mb() / 1024, 2)
+        print(json.dumps(out["scan"], indent=1), flush=True)
 
     if args.fix:
         from qdoctor.policy.search import FixConfig, search
@@ -147,6 +156,29 @@ def main(argv: list[str] | None = None) -> None:
             out["fix"]["peak_gpu_gib"] = gib(torch.cuda.max_memory_allocated())
         out["fix"]["peak_host_rss_gib"] = round(peak_rss_mb() / 1024, 2)
         print(json.dumps(out["fix"], indent=1), flush=True)
+    if args.export:
+        import shutil
+        import tempfile
+        from pathlib import Path
+
+        from qdoctor.export import export_streamed
+
+        target = Path(args.export_dir) if args.export_dir else Path(tempfile.mkdtemp(prefix="qdoctor-export-")) / "ckpt"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t3 = time.perf_counter()
+        scheme = "w8a8-channel-tensor-static" if stats is not None else "w8a8-channel-token"
+        rep = export_streamed(model, tok, target, scheme, stats, progress=True)
+        out["export"] = {"seconds": round(time.perf_counter() - t3, 1), "scheme": scheme,
+                         "blocks": config.num_hidden_layers,
+                         "weights_gib": gib(rep.weights_bytes), "bf16_gib": gib(rep.bf16_bytes),
+                         "files": len(rep.files)}
+        if cuda:
+            out["export"]["peak_gpu_gib"] = gib(torch.cuda.max_memory_allocated())
+        out["export"]["peak_host_rss_gib"] = round(peak_rss_mb() / 1024, 2)
+        if not args.export_dir:
+            shutil.rmtree(target.parent)
+        print(json.dumps(out["export"], indent=1), flush=True)
     out["total_seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
         atomic_write_json(args.json, out)

@@ -7,6 +7,7 @@ import time
 from qdoctor.cli.common import (
     add_calib_args,
     add_model_args,
+    add_stream_arg,
     calib_config,
     load_model,
     positive_int,
@@ -23,6 +24,7 @@ def register(sub) -> None:
                     "with a compressed-tensors quantization_config, the tokenizer and a model card. The output is "
                     "written to a temporary directory beside --out and renamed into place at the end.")
     add_model_args(p)
+    add_stream_arg(p)
     plan = p.add_mutually_exclusive_group(required=True)
     plan.add_argument("--scheme", default=None, help="a named scheme (see `qdoctor models`)")
     plan.add_argument("--scheme-file", default=None, help="a scheme as JSON/YAML (see docs/schemes.md)")
@@ -41,7 +43,8 @@ def register(sub) -> None:
                    help="measure WikiText-2 test perplexity, full precision and quantized, on N windows and put "
                         "both in the model card (default: no measurement)")
     p.add_argument("--ppl-seqlen", type=positive_int, default=2048, help="perplexity window (default 2048)")
-    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
+    p.add_argument("--max-shard-size", default="2GB",
+                   help="safetensors shard size (default 2GB; with --stream: one shard per decoder block)")
     add_calib_args(p)
     p.add_argument("--json", default=None, help="write the export report as JSON to this file")
     p.set_defaults(func=run)
@@ -56,19 +59,22 @@ def run(args) -> int:
     card = _read_card(args.card) if args.card else {}
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    ppl = {}
-    if args.ppl_windows:
-        ppl["full_precision"] = _ppl(model, tok, args, "full precision")
-    result, calib_note = _quantize(model, tok, plan, args)
-    if args.ppl_windows:
-        ppl[result.scheme.name] = _ppl(model, tok, args, result.scheme.name)
-        ppl.update({"windows": args.ppl_windows, "seqlen": args.ppl_seqlen, "text": "wikitext2:test"})
-    card = _merge_card(card, plan, ppl, calib_note)
-    from qdoctor.export import export_checkpoint
+    if args.stream:
+        report = _export_streamed(model, tok, plan, card, args)
+    else:
+        ppl = {}
+        if args.ppl_windows:
+            ppl["full_precision"] = _ppl(model, tok, args, "full precision")
+        result, calib_note = _quantize(model, tok, plan, args)
+        if args.ppl_windows:
+            ppl[result.scheme.name] = _ppl(model, tok, args, result.scheme.name)
+            ppl.update(_ppl_setup(args))
+        card = _merge_card(card, plan, ppl, calib_note)
+        from qdoctor.export import export_checkpoint
 
-    say(f"exporting to {args.out} …")
-    report = export_checkpoint(model, tok, args.out, overwrite=args.overwrite, card=card, dtype=args.save_dtype,
-                               require_vllm=args.require_vllm, max_shard_size=args.max_shard_size)
+        say(f"exporting to {args.out} …")
+        report = export_checkpoint(model, tok, args.out, overwrite=args.overwrite, card=card, dtype=args.save_dtype,
+                                   require_vllm=args.require_vllm, max_shard_size=args.max_shard_size)
     for line in report.summary_lines():
         print(line)
     if args.json:
@@ -116,12 +122,53 @@ def _quantize(model, tok, plan, args):
     return quantize(model, plan, calibration=stats), note
 
 
-def _ppl(model, tok, args, label: str) -> float:
+def _export_streamed(model, tok, plan, card: dict, args):
+    """``--stream``: calibrate (streamed), measure perplexity with each block treated as it is
+    read, then treat and write the checkpoint one block at a time (``export.streamed``)."""
+    from qdoctor.api import calibrate
+    from qdoctor.export import export_streamed
+    from qdoctor.models.registry import block_linear_names
+    from qdoctor.policy.streamed import check_streamable, treat_block
+    from qdoctor.quant.spec import Scheme
+
+    if isinstance(plan, Scheme):
+        scheme, smoothing = plan, []
+        cfg = calib_config(args) if plan.needs_calibration else None
+    else:
+        scheme, smoothing = plan.scheme, list(plan.smoothing)
+        cfg = plan.calibration_config() if plan.needs_calibration else None
+    check_streamable(scheme, smoothing)  # before any block is read
+    stats, note = None, None
+    if cfg is not None:
+        say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (block-streamed) …")
+        stats = calibrate(model, tok, cfg, layer_names=block_linear_names(model))
+        note = f"{cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (seed {cfg.seed})"
+    ppl = {}
+    if args.ppl_windows:
+        ppl["full_precision"] = _ppl(model, tok, args, "full precision")
+
+        def treat(i, block):
+            treat_block(model, i, block, scheme, smoothing, stats)
+
+        ppl[scheme.name] = _ppl(model, tok, args, scheme.name, block_transform=treat)
+        ppl.update(_ppl_setup(args))
+    card = _merge_card(card, plan, ppl, note)
+    say(f"exporting to {args.out}, one block at a time …")
+    return export_streamed(model, tok, args.out, scheme, stats, smoothing, overwrite=args.overwrite, card=card,
+                           dtype=args.save_dtype, require_vllm=args.require_vllm)
+
+
+def _ppl(model, tok, args, label: str, block_transform=None) -> float:
     from qdoctor.api import perplexity
 
-    r = perplexity(model, tok, seqlen=args.ppl_seqlen, limit=args.ppl_windows, desc=f"perplexity ({label})")
+    r = perplexity(model, tok, seqlen=args.ppl_seqlen, limit=args.ppl_windows, desc=f"perplexity ({label})",
+                   block_transform=block_transform)
     say(f"perplexity ({label}): {r.ppl:.4f} on {r.n_windows} × {r.seqlen} tokens")
     return r.ppl
+
+
+def _ppl_setup(args) -> dict:
+    return {"windows": args.ppl_windows, "seqlen": args.ppl_seqlen, "text": "wikitext2:test"}
 
 
 def _read_card(path: str) -> dict:

@@ -59,10 +59,13 @@ def token_windows(tokenizer, text: str, seqlen: int, bos_id: int | None = None) 
 @torch.no_grad()
 def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitext2:test", seqlen: int = 2048,
                limit: int | None = None, batch_size: int = 1, progress: bool = True,
-               windows: torch.Tensor | None = None, desc: str = "perplexity") -> PerplexityResult:
+               windows: torch.Tensor | None = None, desc: str = "perplexity",
+               block_transform=None) -> PerplexityResult:
     """Perplexity of ``model`` over the first ``limit`` windows (all when None).
 
-    ``windows`` (W, L) may be passed to reuse one tokenization across several models."""
+    ``windows`` (W, L) may be passed to reuse one tokenization across several models.
+    ``block_transform(i, block)``, for a block-streamed model only, changes each block as it is
+    read (e.g. quantizes it): the perplexity of the treated model without holding it."""
     from qdoctor.models.registry import arch_for
 
     if windows is None:
@@ -77,8 +80,10 @@ def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitex
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
     t0 = time.perf_counter()
+    if block_transform is not None and getattr(model, "qdoctor_lazy", None) is None:
+        raise QDoctorError("block_transform needs a block-streamed model (qdoctor.load(..., stream=True))")
     if getattr(model, "qdoctor_lazy", None) is not None:
-        nll_sum, count = _streamed_nll(model, windows, batch_size, progress, desc)
+        nll_sum, count = _streamed_nll(model, windows, batch_size, progress, desc, block_transform=block_transform)
         nll = nll_sum / count
         return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, n_windows=int(windows.shape[0]),
                                 total_windows=int(total), seqlen=int(windows.shape[1]),

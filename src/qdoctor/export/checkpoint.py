@@ -105,31 +105,44 @@ def export_checkpoint(model, tokenizer, out_dir, *, overwrite: bool = False, car
     t0 = time.perf_counter()
     check_out_dir(out_dir, overwrite)
     plan = plan_for_model(model, dtype)
+    require_vllm_servable(plan, require_vllm)
+    with staged_dir(out_dir, overwrite) as tmp:
+        skeleton = build_compressed_model(model, plan, progress=progress)
+        _save(skeleton, plan, tokenizer, tmp, max_shard_size)
+        report = write_report(model, plan, tmp, out_dir, card, t0)
+    return report
+
+
+def require_vllm_servable(plan: ExportPlan, require_vllm: bool) -> list[str]:
+    """The plan's vLLM issues; with ``require_vllm`` any issue is an error."""
     issues = plan.vllm_issues()
     if require_vllm and issues:
         more = f" (+{len(issues) - 1} more)" if len(issues) > 1 else ""
         raise QDoctorError(f"vLLM cannot serve this plan: {issues[0]}{more}")
-    with staged_dir(out_dir, overwrite) as tmp:
-        skeleton = build_compressed_model(model, plan, progress=progress)
-        _save(skeleton, plan, tokenizer, tmp, max_shard_size)
-        report = ExportReport(
-            out_dir=str(Path(out_dir).expanduser()), format=str(plan.config.format),
-            checkpoint_dtype=dtype_name(plan.dtype), groups=[g.to_dict() for g in plan.groups],
-            unquantized=dict(plan.unquantized), warnings=list(plan.warnings), vllm_issues=issues)
-        fp_numel = _unique_numel(model)
-        report.fp32_bytes, report.bf16_bytes = 4 * fp_numel, 2 * fp_numel
-        report.weights_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
-        from qdoctor.export.card import render_card
+    return issues
 
-        source = getattr(model, "qdoctor_source", None) or getattr(model.config, "_name_or_path", "") or ""
-        (tmp / "README.md").write_text(render_card(plan, report, card, source=str(source)), encoding="utf-8")
-        report.seconds = time.perf_counter() - t0
-        report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        provenance = {"qdoctor_version": _version(), "source": str(source), "report": report.to_dict(),
-                      "card": card or {}}
-        (tmp / REPORT_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
-        report.files[REPORT_FILE] = (tmp / REPORT_FILE).stat().st_size
-        report.total_bytes = sum(report.files.values())
+
+def write_report(model, plan: ExportPlan, tmp: Path, out_dir, card: dict | None, t0: float) -> ExportReport:
+    """The export report of the checkpoint staged in ``tmp``; writes the model card (README.md)
+    and the provenance file beside the weights."""
+    from qdoctor.export.card import render_card
+
+    report = ExportReport(
+        out_dir=str(Path(out_dir).expanduser()), format=str(plan.config.format),
+        checkpoint_dtype=dtype_name(plan.dtype), groups=[g.to_dict() for g in plan.groups],
+        unquantized=dict(plan.unquantized), warnings=list(plan.warnings), vllm_issues=plan.vllm_issues())
+    fp_numel = _unique_numel(model)
+    report.fp32_bytes, report.bf16_bytes = 4 * fp_numel, 2 * fp_numel
+    report.weights_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
+    source = getattr(model, "qdoctor_source", None) or getattr(model.config, "_name_or_path", "") or ""
+    (tmp / "README.md").write_text(render_card(plan, report, card, source=str(source)), encoding="utf-8")
+    report.seconds = time.perf_counter() - t0
+    report.files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    provenance = {"qdoctor_version": _version(), "source": str(source), "report": report.to_dict(),
+                  "card": card or {}}
+    (tmp / REPORT_FILE).write_text(json.dumps(provenance, indent=2, default=str) + "\n", encoding="utf-8")
+    report.files[REPORT_FILE] = (tmp / REPORT_FILE).stat().st_size
+    report.total_bytes = sum(report.files.values())
     return report
 
 
@@ -157,7 +170,13 @@ def plan_for_model(model: nn.Module, dtype=None) -> ExportPlan:
     layers = layer_plan(model)
     if not any(ls is not None for ls in layers.values()):
         raise QDoctorError("model is not quantized: call qdoctor.quantize(model, scheme) before exporting")
-    model_dtype = _model_dtype(model)
+    return plan_for_layers(model, layers, _model_dtype(model), dtype)
+
+
+def plan_for_layers(model: nn.Module, layers: "OrderedDict[str, LayerScheme | None]", model_dtype: torch.dtype,
+                    dtype=None) -> ExportPlan:
+    """The export plan of ``layers`` (every linear-like layer → its ``LayerScheme`` or None) of
+    ``model``, whose unquantized tensors are in ``model_dtype``."""
     ckpt_dtype = resolve_dtype(dtype) if dtype is not None else model_dtype
     # Fused MoE experts (3-D weights) are matmuls that are not linear layers: a class target
     # ("Linear") would mean different things to transformers and vLLM there, so use names.
@@ -206,7 +225,7 @@ def ct_weight_scale(ql: QuantLinear) -> torch.Tensor:
 def compress_layer(ql: QuantLinear, ct_scheme, bias_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The layer's checkpoint tensors (local names) from the compressed-tensors compressor of its format.
 
-    Checks that decompressing them returns ŵ (``ql.weight_hat``) exactly: the checkpoint holds
+    Checks that decompressing them returns ŵ (``ql.dequantized_weight()``) exactly: the checkpoint holds
     qdoctor's codes and scales, not a re-quantization."""
     from compressed_tensors.compressors import BaseCompressor
 
@@ -215,11 +234,13 @@ def compress_layer(ql: QuantLinear, ct_scheme, bias_dtype: torch.dtype | None = 
     if ql.input_scale is not None:
         state["input_scale"] = ql.input_scale.detach().float().reshape(1)
     packed = compressor.compress(state, ct_scheme)
+    del state
     restored = compressor.decompress(dict(packed), ct_scheme)["weight"]
-    if restored.shape != ql.weight_hat.shape:
+    w_hat = ql.dequantized_weight()  # not cached on the layer: one layer's fp32 copy at a time
+    if restored.shape != w_hat.shape:
         raise RuntimeError(f"{ql.name}: compressed-tensors returned shape {tuple(restored.shape)}")
-    if not torch.equal(restored.float(), ql.weight_hat):
-        diff = (restored.float() - ql.weight_hat).abs().max().item()
+    if not torch.equal(restored.float(), w_hat):
+        diff = (restored.float() - w_hat).abs().max().item()
         raise RuntimeError(f"{ql.name}: compressed-tensors round trip differs from qdoctor's weights (max {diff})")
     if ql.bias is not None:
         packed["bias"] = ql.bias.detach().to(bias_dtype or ql.bias.dtype)

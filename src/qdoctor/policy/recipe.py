@@ -53,15 +53,20 @@ class Recipe:
     def apply(self, model, tokenizer, stats: CalibrationStats | None = None, progress: bool = True) -> QuantizeResult:
         """Smooth and quantize ``model`` in place; returns the quantization result."""
         if self.needs_calibration and stats is None:
-            cfg = self.calibration
-            if (self.needs_median_rows() or any(st.alpha == "auto" for st in self.smoothing)) and cfg.sample_rows == 0:
-                cfg = CalibrationConfig(**{**cfg.__dict__, "sample_rows": 512})
-            stats = calibrate(model, tokenizer, cfg)
+            stats = calibrate(model, tokenizer, self.calibration_config())
         for step in self.smoothing:
             apply_smoothing(model, stats, step, scheme=self.scheme)
         if self.smoothing and _uses_percentile(self.scheme):
             stats = calibrate(model, tokenizer, self.calibration)
         return quantize(model, self.scheme, calibration=stats, progress=progress)
+
+    def calibration_config(self) -> CalibrationConfig:
+        """The recipe's calibration, with 512 sampled rows per layer when the smoothing needs
+        them (median factors, auto-α) and the recipe asked for none."""
+        cfg = self.calibration
+        if (self.needs_median_rows() or any(st.alpha == "auto" for st in self.smoothing)) and cfg.sample_rows == 0:
+            cfg = CalibrationConfig(**{**cfg.__dict__, "sample_rows": 512})
+        return cfg
 
     def to_dict(self) -> dict:
         return {

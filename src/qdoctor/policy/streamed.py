@@ -49,6 +49,29 @@ def each_block(model, fn, progress: bool = False, desc: str = "blocks") -> None:
             fn(i, block)
 
 
+def check_streamable(scheme, smoothing) -> None:
+    """Refuse what one pass over the blocks cannot do: a percentile observer after smoothing
+    needs the smoothed model's activations, i.e. a second calibration pass."""
+    if smoothing and _uses_percentile(scheme):
+        raise QDoctorError("smoothing with a percentile observer needs a recalibration pass; "
+                           "not supported with --stream")
+
+
+def treat_block(model, i: int, block, scheme, smoothing, stats: CalibrationStats | None) -> None:
+    """What ``Recipe.apply`` does to a whole model, for decoder block ``i`` alone (materialized):
+    each ``SmoothingStep`` (``smooth_block``), then ``quantize`` with the layers' full names.
+    Smoothing rescales the statistics it reads, so it works on copies of this block's."""
+    arch = arch_for(model)
+    prefix = f"{arch.blocks}.{i}."
+    if smoothing:
+        names = [prefix + r for r in arch.linears]
+        stats = CalibrationStats(layers={n: copy.deepcopy(stats.layers[n]) for n in names},
+                                 input_ids=stats.input_ids, config=stats.config)
+    for step in smoothing:
+        smooth_block(model.config, arch, i, block, stats, step, scheme)
+    quantize(block, scheme, calibration=stats, progress=False, prefix=prefix)
+
+
 class StreamedSearcher(Searcher):
     """``Searcher`` for a lazy model (see the module docstring)."""
 
@@ -103,21 +126,10 @@ class StreamedSearcher(Searcher):
         t0 = time.perf_counter()
         windows = self.windows if windows is None else windows
         recipe = self.recipe(plan)
-        arch, cfg = self.arch, self.model.config
-        if plan.smoothing and _uses_percentile(recipe.scheme):
-            raise QDoctorError("smoothing with a percentile observer needs a recalibration pass; "
-                               "not supported with --stream")
+        check_streamable(recipe.scheme, recipe.smoothing)
 
         def transform(i, block):
-            prefix = f"{arch.blocks}.{i}."
-            names = [prefix + r for r in arch.linears]
-            stats = self.stats
-            if plan.smoothing:  # smoothing rescales the statistics it reads: work on this block's copy
-                stats = CalibrationStats(layers={n: copy.deepcopy(self.stats.layers[n]) for n in names},
-                                         input_ids=self.stats.input_ids, config=self.stats.config)
-            for step in recipe.smoothing:
-                smooth_block(cfg, arch, i, block, stats, step, recipe.scheme)
-            quantize(block, recipe.scheme, calibration=stats, progress=False, prefix=prefix)
+            treat_block(self.model, i, block, recipe.scheme, recipe.smoothing, self.stats)
 
         nll, count = _streamed_nll(self.model, windows, 1, False, f"plan {plan.label}", block_transform=transform)
         ppl = math.exp(nll / count)

@@ -57,16 +57,20 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_hat(self) -> torch.Tensor:
-        """ŵ in fp32: the fake-quantized weight D(Q(W)), or W rounded to the kept dtype. Computed
-        on first use and cached: the kernel path (codes + scales, 1 byte per weight) never needs
-        it, so on a GPU with kernels it costs no memory (4 bytes per weight otherwise)."""
-        w = self.weight.detach()
-        if self._weight_hat is None or self._weight_hat.device != w.device:
-            if self.scheme.is_quantized:
-                self._weight_hat = fake_quantize(w, self.scheme.weights, self.weight_scale.to(w.device))
-            else:
-                self._weight_hat = w.to(_KEEP_DTYPE[self.scheme.keep]).float()
+        """ŵ in fp32 (``dequantized_weight``), computed on first use and cached: the kernel path
+        (codes + scales, 1 byte per weight) never needs it, so on a GPU with kernels it costs no
+        memory (4 bytes per weight otherwise)."""
+        if self._weight_hat is None or self._weight_hat.device != self.weight.device:
+            self._weight_hat = self.dequantized_weight()
         return self._weight_hat
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """A fresh ŵ in fp32, not cached: the fake-quantized weight D(Q(W)), or W rounded to the
+        kept dtype (for one-off uses such as the export's round-trip check)."""
+        w = self.weight.detach()
+        if self.scheme.is_quantized:
+            return fake_quantize(w, self.scheme.weights, self.weight_scale.to(w.device))
+        return w.to(_KEEP_DTYPE[self.scheme.keep]).float()
 
     def kernel_route(self) -> dict | None:
         """Keyword arguments for ``qdoctor.kernels`` when a real kernel implements this layer."""

@@ -188,10 +188,10 @@ def smooth_block(config, arch, b: int, block, stats, step: SmoothingStep, scheme
         else:
             s = bismooth_scales(act_r, w_r, step.alpha)
         for n, w in zip(names, weights):
-            report.weight_absmax_before[n] = float(w.abs().max())
+            report.weight_absmax_before[n] = float(w.detach().abs().max())
         fold_scales(block, arch, pair, s)
         for n, w in zip(names, weights):
-            report.weight_absmax_after[n] = float(w.abs().max())
+            report.weight_absmax_after[n] = float(w.detach().abs().max())
             stats[n].rescale_channels(1.0 / s.cpu())
         report.pairs += 1
     return report
