@@ -91,3 +91,19 @@ def test_weight_hat_is_built_on_first_use_and_equals_codes_times_scales():
     assert ql.weight_hat is ql.weight_hat  # cached
     kept = QuantLinear(lin, LayerScheme(None, None, keep="bf16"))
     assert torch.equal(kept.weight_hat, lin.weight.detach().bfloat16().float())
+
+
+@pytest.mark.parametrize("gran", [PerTensor(), PerChannel(), PerGroup(16)])
+@pytest.mark.parametrize("dtype", ["int8", "fp8"])
+def test_quantize_rows_equals_quantize(gran, dtype):
+    """Row blocks (here 3 rows = 192 elements at a time, not dividing 32 rows) give the codes and
+    scales of one whole-tensor call."""
+    from qdoctor.quant.fake import compute_scale, quantize_rows
+
+    w = _lin(k=64, n=32).weight.detach()
+    spec = QuantSpec(dtype, gran)
+    scale = compute_scale(w, spec)
+    q_ref, s_ref = quantize(w, spec, scale)
+    q, s = quantize_rows(w, spec, scale, max_elems=3 * 64)
+    assert torch.equal(q.view(torch.uint8) if dtype == "fp8" else q, q_ref.view(torch.uint8) if dtype == "fp8" else q_ref)
+    assert torch.equal(s, s_ref)

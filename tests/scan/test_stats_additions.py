@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qdoctor.quant.granularity import PerChannel, PerTensor, PerToken
+from qdoctor.quant.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from qdoctor.quant.spec import QuantSpec
 from qdoctor.stats.quant_error import (
     act_rel_error,
@@ -17,6 +17,7 @@ from qdoctor.stats.quant_error import (
     weighted_gram,
     weighted_norm_ratio,
     weighted_rel_error,
+    weight_output_rel_error,
 )
 from qdoctor.stats.spikes import median_token_absmax, spike_channels, token_absmax_by_position
 from qdoctor.stats.weights import input_dim_absmax, median_dim_absmax
@@ -67,3 +68,16 @@ def test_spike_helpers():
 def test_median_dim_absmax():
     w = torch.randn(9, 31, generator=G)
     assert median_dim_absmax(w) == float(input_dim_absmax(w).median())
+
+
+@pytest.mark.parametrize("gran", [PerChannel(), PerGroup(8), PerTensor()])
+def test_weight_output_rel_error_in_row_blocks_equals_the_whole_computation(gran):
+    """Blocks of 5 output rows (not dividing 37) give ‖X(Ŵ − W)ᵀ‖/‖XWᵀ‖ of the one-shot form;
+    a per-tensor spec (one scale over all of W) takes the one-shot path."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(20, 32, generator=g), torch.randn(37, 32, generator=g)
+    w[4, 7] = 40.0  # an outlier: per-channel and per-group errors differ
+    spec = QuantSpec("int8", gran)
+    assert weight_output_rel_error(x, w, spec, max_elems=5 * 32) == pytest.approx(output_rel_error(x, w, spec), rel=1e-5)
+    assert weight_output_rel_error(x, w.bfloat16(), spec, max_elems=5 * 32) == pytest.approx(
+        output_rel_error(x, w.bfloat16().float(), spec), rel=1e-5)

@@ -17,7 +17,7 @@ import torch
 from qdoctor.quant.granularity import PerChannel, PerGroup
 from qdoctor.quant.scales import largest_divisor_at_most
 from qdoctor.quant.spec import QuantSpec
-from qdoctor.stats.quant_error import output_rel_error
+from qdoctor.stats.quant_error import weight_output_rel_error
 from qdoctor.stats.spikes import spike_ratio
 
 
@@ -51,7 +51,7 @@ def choose_group_size(x: torch.Tensor, w: torch.Tensor, threshold: float,
     sizes = sorted({g for g in candidates if k % g == 0} or {group_size_for(k, min(candidates))}, reverse=True)
     err = float("inf")
     for g in sizes:
-        err = output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
+        err = weight_output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
         if err <= threshold:
             return g, err
     return sizes[-1], err
@@ -65,12 +65,12 @@ def layer_evidence(model, stats, group_size: int = 128) -> dict[str, LayerEviden
 
 def layer_evidence_of(name: str, weight, st, group_size: int = 128) -> LayerEvidence:
     """The evidence of one layer from its weight and its ``LinearInputStats``."""
-    w = weight.detach().float()
+    w = weight.detach()  # fp32 copies are made in row blocks by weight_output_rel_error
     g = group_size_for(w.shape[1], group_size)
     if st.rows is not None:
         x = st.rows.to(w.device)
-        e_ch = output_rel_error(x, w, QuantSpec("int8", PerChannel()))
-        e_gr = output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
+        e_ch = weight_output_rel_error(x, w, QuantSpec("int8", PerChannel()))
+        e_gr = weight_output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
     else:
         e_ch = e_gr = float("nan")
     return LayerEvidence(name=name, spike_ratio=spike_ratio(st.token_absmax), act_absmax=st.tensor_absmax,

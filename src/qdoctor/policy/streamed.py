@@ -109,8 +109,7 @@ class StreamedSearcher(Searcher):
                 e = out[name] = layer_evidence_of(name, w, self.stats[name], self.config.group_size)
                 if e.out_w_channel > self.config.weight_error_threshold:  # NaN (no rows) compares False
                     x = self.stats[name].rows.to(w.device)
-                    self._group_sizes[name] = choose_group_size(x, w.detach().float(),
-                                                                self.config.weight_error_threshold)[0]
+                    self._group_sizes[name] = choose_group_size(x, w.detach(), self.config.weight_error_threshold)[0]
 
         each_block(self.model, fn, progress=self.progress, desc="evidence")
         return out

@@ -49,3 +49,18 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None
         xg = group_view(x.float(), spec.granularity.group_size)
         return q(xg, scale).reshape(x.shape), scale.squeeze(-1)
     return q(x.float(), scale), scale
+
+
+def quantize_rows(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
+                  max_elems: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(w, spec, scale)`` for a 2-D weight with its scale already known, over blocks of
+    rows: the rows are then independent, and the fp32 temporaries stay ≤ ``max_elems`` elements
+    (a 28672 × 8192 weight would otherwise need ~3 fp32 copies, 0.94 GB each). Same result."""
+    n, k = w.shape
+    step = max(1, max_elems // max(k, 1))
+    if step >= n:
+        return quantize(w, spec, scale)
+    per_row = scale.dim() > 0 and scale.shape[0] == n  # per-channel (N, 1), per-group (N, K/g, 1)
+    parts = [quantize(w[a:a + step], spec, scale[a:a + step] if per_row else scale) for a in range(0, n, step)]
+    codes = torch.cat([p[0] for p in parts])
+    return codes, (torch.cat([p[1] for p in parts]) if per_row else parts[0][1])

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qdoctor.quant.fake import compute_scale, fake_quantize, quantize
+from qdoctor.quant.fake import compute_scale, fake_quantize, quantize_rows
 from qdoctor.quant.granularity import PerGroup, PerTensor, PerToken
 from qdoctor.quant.scales import check_finite
 from qdoctor.quant.spec import LayerScheme
@@ -98,7 +98,7 @@ class QuantLinear(nn.Module):
         from qdoctor import kernels
 
         if getattr(self, "_codes", None) is None or self._codes[0].device != x.device:
-            q, scale = quantize(self.weight.detach(), self.scheme.weights, self.weight_scale)
+            q, scale = quantize_rows(self.weight.detach(), self.scheme.weights, self.weight_scale)
             scale = scale.reshape(scale.shape[0], -1) if route["group_size"] else scale.reshape(-1)
             if scale.numel() == 1:  # per-tensor weights: the same scale on every row
                 scale = scale.expand(q.shape[0]).contiguous()

@@ -45,6 +45,26 @@ def output_rel_error(x: torch.Tensor, w: torch.Tensor, w_spec: QuantSpec | None,
     return _rel(F.linear(xq, wq), ref)
 
 
+def weight_output_rel_error(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, max_elems: int = 1 << 26) -> float:
+    """``output_rel_error(x, w, spec)`` — weights quantized, activations exact — for a row-local
+    ``spec`` (per-channel, per-group), computed over blocks of output rows of W: ‖X(Ŵ − W)ᵀ‖² and
+    ‖XWᵀ‖² are sums over rows n, so the fp32 copies of W stay ≤ ``max_elems`` elements."""
+    from qdoctor.quant.granularity import PerChannel, PerGroup
+
+    if not isinstance(spec.granularity, (PerChannel, PerGroup)):
+        return output_rel_error(x, w, spec)  # a per-tensor scale needs all of W at once
+    w = w.detach()
+    x = x.detach().float().reshape(-1, x.shape[-1]).to(w.device)
+    step = max(1, max_elems // max(w.shape[1], 1))
+    num = den = 0.0
+    for a in range(0, w.shape[0], step):
+        wc = w[a:a + step].float()
+        ref = F.linear(x, wc)
+        num += float((F.linear(x, fake_quantize(wc, spec)) - ref).square().sum())
+        den += float(ref.square().sum())
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
 # --- Row-weighted variants, for errors estimated on a stratified subsample of tokens (scan) ---
 #
 # With a stratified subsample — the rare "spike" tokens (all of them, weight 1, or a uniform
