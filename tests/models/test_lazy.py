@@ -171,3 +171,32 @@ def test_streamed_perplexity_head_chunks_do_not_change_the_nll(saved, monkeypatc
     chunked = perplexity(lazy, None, windows=w, progress=False)
     assert chunked.n_tokens == whole.n_tokens
     assert chunked.nll == pytest.approx(whole.nll, rel=1e-5)
+
+
+def test_eval_cli_stream_matches_whole_model(tmp_path, capsys):
+    """``qdoctor eval --stream``: every row (full precision, a named static scheme, a recipe with
+    SmoothQuant and a kept layer) has the perplexity and layer counts of the whole-model run."""
+    from qdoctor.calib.collect import CalibrationConfig
+    from qdoctor.cli import main
+    from qdoctor.policy.recipe import Recipe, save_recipe
+    from qdoctor.quant.spec import LayerScheme, get_scheme
+    from qdoctor.transforms.smoothing import SmoothingStep
+
+    save_tiny("llama", tmp_path / "m")
+    scheme = get_scheme("w8a8-channel-tensor-static").with_overrides(
+        {"model.layers.1.mlp.down_proj": LayerScheme(keep="bf16")}, name="planned")
+    save_recipe(Recipe(scheme=scheme, smoothing=[SmoothingStep("smoothquant", 0.5)],
+                       calibration=CalibrationConfig(n_samples=4, seqlen=32)), str(tmp_path / "plan.yaml"))
+    whole, streamed = cli_reports_whole_and_streamed(
+        tmp_path, ["eval", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "fp32",
+                   "--scheme", "w8a8-channel-tensor-static", "--recipe", str(tmp_path / "plan.yaml"),
+                   "--calib-samples", "4", "--calib-seqlen", "32", "--seqlen", "64", "--limit", "3"])
+    assert [r["scheme"] for r in streamed["results"]] == [r["scheme"] for r in whole["results"]] == \
+        ["full-precision", "w8a8-channel-tensor-static", "planned"]
+    for a, b in zip(whole["results"], streamed["results"]):
+        assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-4), a["scheme"]
+        assert (b["quantized_layers"], b["kept_layers"]) == (a["quantized_layers"], a["kept_layers"]), a["scheme"]
+    assert streamed["results"][2]["kept_layers"] == 1
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "m"), "--stream", "--tasks", "piqa"]) == 2
+    assert "not available with --stream" in capsys.readouterr().err

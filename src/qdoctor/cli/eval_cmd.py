@@ -8,9 +8,11 @@ from qdoctor.cli.common import (
     add_calib_args,
     add_model_args,
     add_ppl_args,
+    add_stream_arg,
     calib_config,
     environment,
     load_model,
+    plan_parts,
     positive_int,
     require_parent,
     say,
@@ -23,6 +25,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="perplexity: full precision vs quantization schemes",
                        description="Measure WikiText-2 perplexity of the full-precision model and of each scheme.")
     add_model_args(p)
+    add_stream_arg(p)
     p.add_argument("--scheme", action="append", default=None,
                    help="named scheme (repeat or comma-separate; default w8a8-channel-token). "
                         "See `qdoctor models --schemes`")
@@ -64,6 +67,11 @@ def resolve_schemes(args) -> list:
 def run(args) -> int:
     schemes = resolve_schemes(args)
     require_parent(args.json)
+    if args.stream:
+        if args.tasks:
+            raise QDoctorError("--tasks is not available with --stream (zero-shot scoring needs the whole model); "
+                               "--stream measures perplexity")
+        return run_streamed(args, schemes)
     if args.tasks:
         return run_tasks(args, schemes)
     if any(not hasattr(s, "default") for s in schemes):
@@ -170,6 +178,51 @@ def run_recipes(args, plans) -> int:
         kept = sum(1 for ls in res.layers.values() if ls.keep)
         results.append(SchemeResult(name, getattr(plan, "description", "") or "recipe", ppl,
                                     quantized_layers=len(res.layers) - kept, kept_layers=kept,
+                                    seconds=time.perf_counter() - t1))
+    return finish(args, results, t0)
+
+
+def run_streamed(args, plans) -> int:
+    """``--stream``: perplexity of full precision, then of each scheme or recipe on a block-streamed
+    model, every block treated as it is read (``policy.streamed.treat_block``): one pass over the
+    checkpoint per row, never the whole model in memory."""
+    from qdoctor.api import SchemeResult, calibrate
+    from qdoctor.calib.text import text_source
+    from qdoctor.eval.perplexity import perplexity, token_windows
+    from qdoctor.models.registry import arch_for, block_linear_names, get_blocks
+    from qdoctor.policy.streamed import check_streamable, treat_block
+    from qdoctor.quant.linear import QuantLinear
+
+    parts = [plan_parts(plan, args) for plan in plans]
+    for scheme, smoothing, _ in parts:
+        check_streamable(scheme, smoothing)  # before any block is read
+    t0 = time.perf_counter()
+    model, tok = load_model(args)
+    bos = tok.bos_token_id if arch_for(model).needs_bos else None
+    windows = token_windows(tok, text_source(args.text), args.seqlen, bos)
+    fp = perplexity(model, tok, windows=windows, limit=args.limit, desc="full precision")
+    results = [SchemeResult("full-precision", "unquantized", fp, seconds=fp.seconds)]
+    stats_for: dict = {}  # one calibration per distinct configuration
+    for plan, (scheme, smoothing, cfg) in zip(plans, parts):
+        t1 = time.perf_counter()
+        if cfg is not None and cfg not in stats_for:
+            say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (block-streamed) …")
+            stats_for[cfg] = calibrate(model, tok, cfg, layer_names=block_linear_names(model))
+        stats = stats_for.get(cfg)
+        counts = {"quantized": 0, "kept": 0}
+
+        def treat(i, block, scheme=scheme, smoothing=smoothing, stats=stats, counts=counts):
+            treat_block(model, i, block, scheme, smoothing, stats)
+            for m in block.modules():
+                if isinstance(m, QuantLinear):
+                    counts["kept" if m.scheme.keep else "quantized"] += 1
+
+        ppl = perplexity(model, tok, windows=windows, limit=args.limit, desc=scheme.name, block_transform=treat)
+        blocks = len(get_blocks(model))
+        say(f"{scheme.name}: {ppl.ppl:.4f} ({counts['quantized']} layers quantized, {counts['kept']} kept over "
+            f"{blocks} blocks)")
+        results.append(SchemeResult(scheme.name, getattr(plan, "description", "") or "recipe", ppl,
+                                    quantized_layers=counts["quantized"], kept_layers=counts["kept"],
                                     seconds=time.perf_counter() - t1))
     return finish(args, results, t0)
 

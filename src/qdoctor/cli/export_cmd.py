@@ -10,6 +10,7 @@ from qdoctor.cli.common import (
     add_stream_arg,
     calib_config,
     load_model,
+    plan_parts,
     positive_int,
     require_parent,
     say,
@@ -129,14 +130,8 @@ def _export_streamed(model, tok, plan, card: dict, args):
     from qdoctor.export import export_streamed
     from qdoctor.models.registry import block_linear_names
     from qdoctor.policy.streamed import check_streamable, treat_block
-    from qdoctor.quant.spec import Scheme
 
-    if isinstance(plan, Scheme):
-        scheme, smoothing = plan, []
-        cfg = calib_config(args) if plan.needs_calibration else None
-    else:
-        scheme, smoothing = plan.scheme, list(plan.smoothing)
-        cfg = plan.calibration_config() if plan.needs_calibration else None
+    scheme, smoothing, cfg = plan_parts(plan, args)
     check_streamable(scheme, smoothing)  # before any block is read
     stats, note = None, None
     if cfg is not None:
