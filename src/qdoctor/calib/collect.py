@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from qdoctor.calib.observers import LinearInputStats
 from qdoctor.calib.text import CALIBRATION_SPLIT, text_source
 from qdoctor.errors import QDoctorError
+from qdoctor.models.lazy import is_lazy
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names:
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            if getattr(model, "qdoctor_lazy", None) is not None:  # blocks streamed from their source
+            if is_lazy(model):  # blocks streamed from their source
                 from qdoctor.models.streaming import stream_blocks
 
                 stream_blocks(model, input_ids, lambda i, block, inputs: None, batch_size=batch_size, desc=desc,

@@ -189,7 +189,7 @@ def run_streamed(args, plans) -> int:
     from qdoctor.api import SchemeResult, calibrate
     from qdoctor.calib.text import text_source
     from qdoctor.eval.perplexity import perplexity, token_windows
-    from qdoctor.models.registry import arch_for, block_linear_names, get_blocks
+    from qdoctor.models.registry import arch_for, get_blocks
     from qdoctor.policy.streamed import check_streamable, treat_block
     from qdoctor.quant.linear import QuantLinear
 
@@ -207,7 +207,7 @@ def run_streamed(args, plans) -> int:
         t1 = time.perf_counter()
         if cfg is not None and cfg not in stats_for:
             say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (block-streamed) …")
-            stats_for[cfg] = calibrate(model, tok, cfg, layer_names=block_linear_names(model))
+            stats_for[cfg] = calibrate(model, tok, cfg)
         stats = stats_for.get(cfg)
         counts = {"quantized": 0, "kept": 0}
 

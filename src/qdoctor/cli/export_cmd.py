@@ -128,7 +128,6 @@ def _export_streamed(model, tok, plan, card: dict, args):
     read, then treat and write the checkpoint one block at a time (``export.streamed``)."""
     from qdoctor.api import calibrate
     from qdoctor.export import export_streamed
-    from qdoctor.models.registry import block_linear_names
     from qdoctor.policy.streamed import check_streamable, treat_block
 
     scheme, smoothing, cfg = plan_parts(plan, args)
@@ -136,7 +135,7 @@ def _export_streamed(model, tok, plan, card: dict, args):
     stats, note = None, None
     if cfg is not None:
         say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (block-streamed) …")
-        stats = calibrate(model, tok, cfg, layer_names=block_linear_names(model))
+        stats = calibrate(model, tok, cfg)
         note = f"{cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (seed {cfg.seed})"
     ppl = {}
     if args.ppl_windows:

@@ -167,6 +167,7 @@ def verify(model, tok, result, args, searcher=None) -> dict:
     With a block-streamed ``searcher`` the plans are scored through it (one streamed pass each)."""
     from qdoctor.calib.text import text_source
     from qdoctor.eval.perplexity import perplexity, token_windows
+    from qdoctor.models.lazy import is_lazy
     from qdoctor.models.registry import arch_for
     from qdoctor.policy.recipe import Recipe
     from qdoctor.quant.apply import restore
@@ -177,7 +178,7 @@ def verify(model, tok, result, args, searcher=None) -> dict:
     out["fp_ppl"] = perplexity(model, tok, windows=windows, desc="verify: full precision").ppl
     from qdoctor.policy.search import Plan, resolve_target
 
-    if searcher is not None and getattr(model, "qdoctor_lazy", None) is not None:
+    if searcher is not None and is_lazy(model):
         out["naive_ppl"] = searcher.evaluate(Plan(), windows=windows).ppl
         out["planned_ppl"] = searcher.evaluate(result.best.plan, windows=windows).ppl
         out["naive_delta_pct"] = 100 * (out["naive_ppl"] / out["fp_ppl"] - 1)

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from qdoctor.calib.text import text_source
 from qdoctor.errors import QDoctorError
+from qdoctor.models.lazy import is_lazy
+from qdoctor.quant.fake import ROW_BLOCK_ELEMS, row_slices
 
 
 @dataclass
@@ -80,9 +82,9 @@ def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitex
     device = next(model.parameters()).device
     nll_sum, count = 0.0, 0
     t0 = time.perf_counter()
-    if block_transform is not None and getattr(model, "qdoctor_lazy", None) is None:
+    if block_transform is not None and not is_lazy(model):
         raise QDoctorError("block_transform needs a block-streamed model (qdoctor.load(..., stream=True))")
-    if getattr(model, "qdoctor_lazy", None) is not None:
+    if is_lazy(model):
         nll_sum, count = _streamed_nll(model, windows, batch_size, progress, desc, block_transform=block_transform)
         nll = nll_sum / count
         return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, n_windows=int(windows.shape[0]),
@@ -120,18 +122,17 @@ def _streamed_nll(model, windows: torch.Tensor, batch_size: int, progress: bool,
                            final_outputs=True)
     nll_sum, count, start = 0.0, 0, 0
     vocab = model.get_output_embeddings().weight.shape[0]
-    rows = max(1, _HEAD_CHUNK_ELEMS // vocab)  # tokens whose fp32 logits are alive at once
     for h in hidden:
         batch = windows[start:start + h.shape[0]].to(h.device)
         start += h.shape[0]
         states = h[:, :-1].reshape(-1, h.shape[-1])
         target = batch[:, 1:].reshape(-1)
-        for a in range(0, states.shape[0], rows):
-            logits = final_logits(model, states[a:a + rows]).float()
-            nll_sum += float(F.cross_entropy(logits, target[a:a + rows], reduction="sum"))
+        # tokens whose fp32 logits are alive at once: 2^26 logits = 523 tokens of a 128k vocabulary
+        for rows in row_slices(states.shape[0], vocab, _HEAD_CHUNK_ELEMS):
+            logits = final_logits(model, states[rows]).float()
+            nll_sum += float(F.cross_entropy(logits, target[rows], reduction="sum"))
         count += target.numel()
     return nll_sum, count
 
 
-# fp32 logits computed at once by the streamed evaluation (2^26 = 256 MB: 523 tokens of a 128k vocabulary)
-_HEAD_CHUNK_ELEMS = 1 << 26
+_HEAD_CHUNK_ELEMS = ROW_BLOCK_ELEMS  # fp32 logits computed at once by the streamed evaluation

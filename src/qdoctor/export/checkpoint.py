@@ -39,10 +39,9 @@ from tqdm.auto import tqdm
 from qdoctor.errors import QDoctorError
 from qdoctor.export.ctconfig import ExportPlan, dtype_name, plan_export, resolve_dtype
 from qdoctor.quant.granularity import PerGroup
-from qdoctor.quant.linear import QuantLinear
+from qdoctor.quant.linear import KEEP_TORCH_DTYPE, QuantLinear
 from qdoctor.quant.spec import LayerScheme
 
-_KEEP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REPORT_FILE = "qdoctor_export.json"
 
 
@@ -247,6 +246,15 @@ def compress_layer(ql: QuantLinear, ct_scheme, bias_dtype: torch.dtype | None = 
     return packed
 
 
+def kept_layer_tensors(ql: QuantLinear) -> dict[str, torch.Tensor]:
+    """A kept (unquantized) layer's checkpoint tensors (local names), in its kept dtype."""
+    kd = KEEP_TORCH_DTYPE[ql.scheme.keep]
+    out = {"weight": ql.weight.detach().to(kd)}
+    if ql.bias is not None:
+        out["bias"] = ql.bias.detach().to(kd)
+    return out
+
+
 def build_compressed_model(model: nn.Module, plan: ExportPlan, progress: bool = True) -> nn.Module:
     """A fresh instance of the model's class holding the checkpoint tensors (meta-initialized,
     tensors shared with ``model`` where unchanged)."""
@@ -268,10 +276,7 @@ def build_compressed_model(model: nn.Module, plan: ExportPlan, progress: bool = 
                         for k, v in model.state_dict(keep_vars=True).items())
     kept = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and not m.scheme.is_quantized}
     for n, m in kept.items():
-        kd = _KEEP_DTYPE[m.scheme.keep]
-        state[f"{n}.weight"] = m.weight.detach().to(kd)
-        if m.bias is not None:
-            state[f"{n}.bias"] = m.bias.detach().to(kd)
+        state.update({f"{n}.{k}": t for k, t in kept_layer_tensors(m).items()})
     _untie_quantized(model, config, quantized, plan)
     with torch.device("meta"), _quiet("transformers"):
         skeleton = type(model)(config)

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 
 from qdoctor.errors import QDoctorError
 from qdoctor.export.checkpoint import (
-    _KEEP_DTYPE,
     ExportReport,
     _quiet,
     check_targets,
     compress_layer,
+    kept_layer_tensors,
     plan_for_layers,
     require_vllm_servable,
     write_report,
@@ -130,13 +130,8 @@ def block_tensors(block: nn.Module, prefix: str, group_of: dict, dtype: torch.dt
         if not isinstance(m, QuantLinear):
             continue
         owners.add(name)
-        if m.scheme.is_quantized:
-            packed = compress_layer(m, group_of[prefix + name].ct_scheme, dtype)
-        else:
-            kd = _KEEP_DTYPE[m.scheme.keep]
-            packed = {"weight": m.weight.detach().to(kd)}
-            if m.bias is not None:
-                packed["bias"] = m.bias.detach().to(kd)
+        packed = (compress_layer(m, group_of[prefix + name].ct_scheme, dtype) if m.scheme.is_quantized
+                  else kept_layer_tensors(m))
         out.update({f"{prefix}{name}.{k}": v for k, v in packed.items()})
     for key, t in block.state_dict().items():
         if key.rpartition(".")[0] not in owners:

@@ -10,7 +10,7 @@ just before it runs and drops it right after:
     device memory ≈ non-block tensors + one block + the calibration activations
     host memory   ≈ one block's tensors in flight (safetensors are memory-mapped)
 
-Sources (``BlockSource``: ``config``, ``tensors(names, device, dtype)``):
+Sources (``config``, ``name in source``, ``tensors(names, device, dtype, shapes)``):
 
 - ``SafetensorsSource`` — a Hugging Face directory (one ``*.safetensors`` file or shards
   with ``model.safetensors.index.json``), read through safetensors' memory-mapped
@@ -71,7 +71,9 @@ class SafetensorsSource:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def tensors(self, names: list[str], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def tensors(self, names: list[str], device, dtype: torch.dtype,
+                shapes: dict | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors on ``device`` in ``dtype`` (``shapes``: unused, the file has them)."""
         from safetensors import safe_open
 
         missing = [n for n in names if n not in self.files]
@@ -164,7 +166,7 @@ class LazyBlocks:
 
         block = get_blocks(model)[i]
         params = {f"{self.prefix}.{i}.{n}": p for n, p in block.named_parameters()}
-        tensors = _read(self.source, list(params), self.device, self.dtype, {n: p.shape for n, p in params.items()})
+        tensors = self.source.tensors(list(params), self.device, self.dtype, {n: p.shape for n, p in params.items()})
         for name, t in tensors.items():
             if tuple(t.shape) != tuple(params[name].shape):
                 raise QDoctorError(f"tensor {name!r} has shape {tuple(t.shape)}, the config expects "
@@ -185,12 +187,6 @@ class LazyBlocks:
                 parent, _, child = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, child, lin)
         block.to("meta")
-
-
-def _read(source, names, device, dtype, shapes):
-    if isinstance(source, RandomSource):
-        return source.tensors(names, device, dtype, shapes)
-    return source.tensors(names, device, dtype)
 
 
 def is_lazy(model) -> bool:
@@ -223,7 +219,7 @@ def load_lazy(source: "str | Path | SafetensorsSource | RandomSource", dtype: to
     rest = {n: p for n, p in model.named_parameters() if not n.startswith(prefix + ".")}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = [n for n in rest if n in source or not (tied and n.endswith("lm_head.weight"))]
-    tensors = _read(source, names, device, dtype, {n: p.shape for n, p in rest.items()})
+    tensors = source.tensors(names, device, dtype, {n: p.shape for n, p in rest.items()})
     for name, t in tensors.items():
         set_module_tensor_to_device(model, name, device, value=t)
     if tied:

@@ -20,14 +20,13 @@ supported here (the zero-shot metric would need a streamed forward per batch of 
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import torch
 
 from qdoctor.calib.collect import CalibrationStats, calibrate
 from qdoctor.errors import QDoctorError
-from qdoctor.eval.perplexity import _streamed_nll, perplexity
+from qdoctor.eval.perplexity import perplexity
 from qdoctor.models.lazy import is_lazy
 from qdoctor.models.registry import arch_for, block_linear_names, get_blocks
 from qdoctor.models.streaming import materialized
@@ -130,8 +129,8 @@ class StreamedSearcher(Searcher):
         def transform(i, block):
             treat_block(self.model, i, block, recipe.scheme, recipe.smoothing, self.stats)
 
-        nll, count = _streamed_nll(self.model, windows, 1, False, f"plan {plan.label}", block_transform=transform)
-        ppl = math.exp(nll / count)
+        ppl = perplexity(self.model, self.tok, windows=windows, progress=False, desc=f"plan {plan.label}",
+                         block_transform=transform).ppl
         ref = self.fp_ppl if windows is self.windows else self.fp_ppl_of(windows)
         return Trial(plan.label, ppl, 100.0 * (ppl / ref - 1.0), len(plan.kept()), len(plan.per_group()),
                      time.perf_counter() - t0, plan)

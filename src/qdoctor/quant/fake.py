@@ -51,16 +51,27 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None
     return q(x.float(), scale), scale
 
 
+ROW_BLOCK_ELEMS = 1 << 26  # elements per block of rows (256 MB in fp32) for the row-blocked computations
+
+
+def row_slices(n_rows: int, row_len: int, max_elems: int = ROW_BLOCK_ELEMS) -> list[slice]:
+    """Consecutive blocks of whole rows of an (n_rows, row_len) tensor, each ≤ ``max_elems``
+    elements (at least one row): what every computation that is a sum or a map over rows uses to
+    bound its fp32 working copies of a large weight or logit matrix."""
+    step = max(1, max_elems // max(row_len, 1))
+    return [slice(a, min(a + step, n_rows)) for a in range(0, n_rows, step)]
+
+
 def quantize_rows(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
-                  max_elems: int = 1 << 26) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_elems: int = ROW_BLOCK_ELEMS) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize(w, spec, scale)`` for a 2-D weight with its scale already known, over blocks of
     rows: the rows are then independent, and the fp32 temporaries stay ≤ ``max_elems`` elements
     (a 28672 × 8192 weight would otherwise need ~3 fp32 copies, 0.94 GB each). Same result."""
     n, k = w.shape
-    step = max(1, max_elems // max(k, 1))
-    if step >= n:
+    blocks = row_slices(n, k, max_elems)
+    if len(blocks) == 1:
         return quantize(w, spec, scale)
     per_row = scale.dim() > 0 and scale.shape[0] == n  # per-channel (N, 1), per-group (N, K/g, 1)
-    parts = [quantize(w[a:a + step], spec, scale[a:a + step] if per_row else scale) for a in range(0, n, step)]
+    parts = [quantize(w[r], spec, scale[r] if per_row else scale) for r in blocks]
     codes = torch.cat([p[0] for p in parts])
     return codes, (torch.cat([p[1] for p in parts]) if per_row else parts[0][1])

@@ -27,7 +27,7 @@ from qdoctor.quant.granularity import PerGroup, PerTensor, PerToken
 from qdoctor.quant.scales import check_finite
 from qdoctor.quant.spec import LayerScheme
 
-_KEEP_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+KEEP_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # keep: → dtype
 
 
 class QuantLinear(nn.Module):
@@ -70,7 +70,7 @@ class QuantLinear(nn.Module):
         w = self.weight.detach()
         if self.scheme.is_quantized:
             return fake_quantize(w, self.scheme.weights, self.weight_scale.to(w.device))
-        return w.to(_KEEP_DTYPE[self.scheme.keep]).float()
+        return w.to(KEEP_TORCH_DTYPE[self.scheme.keep]).float()
 
     def kernel_route(self) -> dict | None:
         """Keyword arguments for ``qdoctor.kernels`` when a real kernel implements this layer."""
@@ -125,7 +125,7 @@ class QuantLinear(nn.Module):
         bias = self.bias.float() if self.bias is not None else None
         s = self.scheme
         if s.keep:
-            kd = _KEEP_DTYPE[s.keep]
+            kd = KEEP_TORCH_DTYPE[s.keep]
             y = F.linear(x.to(kd).float(), self.weight_hat, bias)
             return y.to(kd).to(out_dtype)
         x_hat = x.float() if s.activations is None else fake_quantize(x, s.activations, self.input_scale)

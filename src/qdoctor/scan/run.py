@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 from qdoctor.calib.collect import CalibrationStats, calibration_windows
 from qdoctor.errors import QDoctorError
+from qdoctor.models.lazy import is_lazy
 from qdoctor.models.registry import arch_for, get_blocks
 from qdoctor.models.streaming import stream_blocks
-from qdoctor.quant.fake import fake_quantize
+from qdoctor.quant.fake import fake_quantize, row_slices
 from qdoctor.quant.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from qdoctor.quant.scales import scale_from_absmax
 from qdoctor.quant.spec import QuantSpec
@@ -82,7 +83,7 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
     if arch.needs_bos and bos is None:
         raise QDoctorError(f"{arch.family} needs <bos> but the tokenizer has no bos_token_id")
     cal = config.calibration
-    if config.sensitivity and getattr(model, "qdoctor_lazy", None) is not None:
+    if config.sensitivity and is_lazy(model):
         raise QDoctorError("--sensitivity quantizes the whole model per layer; it is not available with "
                            "--stream (block-streamed models)")
     config_dict = config.to_dict()
@@ -311,17 +312,13 @@ def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple
     keys = sample.keys
     out: dict[str, float] = {}
     # W is visited in blocks of output rows (every quantity below is a sum over rows n), so the
-    # fp32 working copies are bounded by _ROW_CHUNK_ELEMS whatever the layer size; the
-    # per-tensor scale is taken over the whole W first.
-    step = max(1, min(n_out, _ROW_CHUNK_ELEMS // max(k, 1)))
-    chunks = [w[a:a + step].float() for a in range(0, n_out, step)] if step >= n_out else None
+    # fp32 working copies are bounded by ROW_BLOCK_ELEMS whatever the layer size; the per-tensor
+    # scale is taken over the whole W first. A W of one block is converted once and reused.
+    blocks = row_slices(n_out, k)
+    whole = [w.float()] if len(blocks) == 1 else None
 
     def row_blocks():
-        if chunks is not None:
-            yield from chunks
-        else:
-            for a in range(0, n_out, step):
-                yield w[a:a + step].float()
+        yield from whole if whole is not None else (w[r].float() for r in blocks)
 
     # Activation side, per row: reference ‖y_t‖² and every variant's ‖e_t‖².
     # One variant's Q(X) − X at a time (``ErrorSample.delta``), so at most one T × K delta is alive.
@@ -367,8 +364,6 @@ def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple
     out.update(sample.act_errors)
     return {key: out[key] for key in ERROR_KEYS}, typical
 
-
-_ROW_CHUNK_ELEMS = 1 << 26  # fp32 elements of W processed at once by layer_errors (256 MB)
 
 
 def layer_finding(name: str, block: int, rel: str, weight: torch.Tensor, rec: InputRecorder,

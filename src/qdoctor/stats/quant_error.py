@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qdoctor.quant.fake import fake_quantize
+from qdoctor.quant.fake import ROW_BLOCK_ELEMS, fake_quantize, row_slices
 from qdoctor.quant.spec import QuantSpec
 
 
@@ -45,7 +45,8 @@ def output_rel_error(x: torch.Tensor, w: torch.Tensor, w_spec: QuantSpec | None,
     return _rel(F.linear(xq, wq), ref)
 
 
-def weight_output_rel_error(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, max_elems: int = 1 << 26) -> float:
+def weight_output_rel_error(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec,
+                            max_elems: int = ROW_BLOCK_ELEMS) -> float:
     """``output_rel_error(x, w, spec)`` — weights quantized, activations exact — for a row-local
     ``spec`` (per-channel, per-group), computed over blocks of output rows of W: ‖X(Ŵ − W)ᵀ‖² and
     ‖XWᵀ‖² are sums over rows n, so the fp32 copies of W stay ≤ ``max_elems`` elements."""
@@ -55,10 +56,9 @@ def weight_output_rel_error(x: torch.Tensor, w: torch.Tensor, spec: QuantSpec, m
         return output_rel_error(x, w, spec)  # a per-tensor scale needs all of W at once
     w = w.detach()
     x = x.detach().float().reshape(-1, x.shape[-1]).to(w.device)
-    step = max(1, max_elems // max(w.shape[1], 1))
     num = den = 0.0
-    for a in range(0, w.shape[0], step):
-        wc = w[a:a + step].float()
+    for rows in row_slices(w.shape[0], w.shape[1], max_elems):
+        wc = w[rows].float()
         ref = F.linear(x, wc)
         num += float((F.linear(x, fake_quantize(wc, spec)) - ref).square().sum())
         den += float(ref.square().sum())
