@@ -9,6 +9,8 @@ For each layer shape (N, K) and token count M it times, in one run on one GPU:
   int8       qdoctor w8a8_linear per-token × per-channel: quantize x + fused-dequant GEMM
   int8 gemm  the fused GEMM alone (x already quantized)
   int8 g128  w8a8_linear per-token × per-group(128) weights, quantization of x included
+             (impl "auto": the warp-specialized Gluon kernel on Hopper)
+  g128 triton  the same through the Triton per-group kernel (impl "tma", autotuned)
   fp8        qdoctor fp8_linear: quantize x to E4M3 per token + torch._scaled_mm row-wise
   fp8 gemm   torch._scaled_mm row-wise alone
   fp8 fast   fp8_linear with use_fast_accum=True
@@ -41,7 +43,7 @@ SHAPES = {
     "8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
     "70b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gate_up", 28672, 8192), ("down", 8192, 28672)],
 }
-METHODS = ["bf16", "int_mm", "int8", "int8 gemm", "int8 g128", "fp8", "fp8 gemm", "fp8 fast", "torchao"]
+METHODS = ["bf16", "int_mm", "int8", "int8 gemm", "int8 g128", "g128 triton", "fp8", "fp8 gemm", "fp8 fast", "torchao"]
 GROUP = 128
 # Targets from the issue (ratio vs BF16 at M = 8192, measured in the same run).
 TARGETS = [
@@ -78,6 +80,7 @@ def build_methods(x, w, m, n, k):
         "int8": lambda: K.w8a8_linear(x, q_w, s_w, autotune=True),
         "int8 gemm": lambda: K.int8_gemm(q_x, s_x, q_w, s_w, out_dtype=x.dtype, autotune=True),
         "int8 g128": lambda: K.w8a8_linear(x, q_wg, s_wg, group_size=GROUP, autotune=True),
+        "g128 triton": lambda: K.w8a8_linear(x, q_wg, s_wg, group_size=GROUP, impl="tma", autotune=True),
         "fp8": lambda: K.fp8_linear(x, q_wf, s_wf),
         "fp8 gemm": lambda: K.fp8_gemm(q_xf, s_xf, q_wf, s_wf),
         "fp8 fast": lambda: K.fp8_linear(x, q_wf, s_wf, fast_accum=True),
@@ -91,7 +94,7 @@ def build_methods(x, w, m, n, k):
         "fp8": lambda: (q_xf.float() * s_xf[:, None]) @ (q_wf.float() * s_wf[:, None]).T,
         "bf16": lambda: x.float() @ w.float().T,
     }
-    ref_of = {"int_mm": "int8", "int8 gemm": "int8", "fp8 gemm": "fp8", "fp8 fast": "fp8", "torchao": "bf16"}
+    ref_of = {"int_mm": "int8", "int8 gemm": "int8", "g128 triton": "int8 g128", "fp8 gemm": "fp8", "fp8 fast": "fp8", "torchao": "bf16"}
     return methods, refs, ref_of
 
 
@@ -133,6 +136,9 @@ def bench_shape(model, layer, n, k, m, args, gen):
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=gen)
     w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
     methods, refs, ref_of = build_methods(x, w, m, n, k)
+    if args.only:
+        keep = {"bf16", *args.only.split(",")}
+        methods = {name: fn for name, fn in methods.items() if name in keep}
     methods["x quant"] = lambda: K.quantize_per_token(x)
     row = {"model": model, "layer": layer, "M": m, "N": n, "K": k, "ms": {"graph": {}, "eager": {}},
            "tflops": {"graph": {}, "eager": {}}, "rel_err": {}}
@@ -309,6 +315,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of graph timings")
     ap.add_argument("--no-ws-probe", action="store_true", help="skip trying warp-specialized configs")
     ap.add_argument("--no-impl-compare", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated methods to time besides bf16 (default: all)")
     ap.add_argument("--quant-sweep", action="store_true", help="also sweep the x-quantization launch shapes")
     ap.add_argument("--probe-ws", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()

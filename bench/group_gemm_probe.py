@@ -15,7 +15,8 @@ ratios to BF16 F.linear of the same shape:
            synchronous), three accumulator sets in registers
 
 Each scaled output is checked against the float64 sum Σ_j s_w[n,j] · Σ_k q_x q_w · s_x[t] on a
-corner of the output. Findings are in docs/kernels.md ("Targets").
+corner of the output. Findings are in docs/kernels.md ("Design: Per-group on Hopper",
+"Targets"); the kernel that came out of them is qdoctor/kernels/_gluon_group_gemm.py.
 """
 
 from __future__ import annotations

@@ -165,6 +165,55 @@ def test_int8_gemm_grouped_matches_reference(cuda_gen, impl, m, act, out_dtype, 
     assert bool((err <= u * exact.abs() + 1e-5 * exact.abs().max()).all())
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the warp-specialized per-group kernel needs sm90")
+@pytest.mark.parametrize("m,n,k", [(1, 200, 256), (37, 1000, 1024), (129, 192, 128), (300, 384, 2048),
+                                   (700, 520, 1280)])
+@pytest.mark.parametrize("act,out_dtype,with_bias,scales_nk", [("token", torch.bfloat16, False, False),
+                                                               ("tensor", torch.float32, True, False),
+                                                               ("token", torch.float16, True, True)])
+def test_int8_gemm_grouped_ws_matches_reference(cuda_gen, m, n, k, act, out_dtype, with_bias, scales_nk):
+    """The warp-specialized Gluon kernel (impl="ws"): partial channel tiles (N not a multiple of
+    192), partial token tiles, one group (K = 128), both scale layouts, bias, three output dtypes."""
+    g = 128
+    q_x, q_w = randint8(cuda_gen, m, k), randint8(cuda_gen, n, k)
+    s_x = (torch.rand(m if act == "token" else 1, generator=cuda_gen, device="cuda") + 0.1) * 0.02
+    s_w = (torch.rand(k // g, n, generator=cuda_gen, device="cuda") + 0.1) * 0.002
+    s_w = s_w.t().contiguous() if scales_nk else s_w.t()
+    bias = randn(cuda_gen, n, dtype=out_dtype) if with_bias else None
+    poison(m * n * 4)
+    y = K.int8_gemm_grouped(q_x, s_x, q_w, s_w, g, bias=bias, out_dtype=out_dtype, impl="ws")
+    assert y.dtype == out_dtype and y.shape == (m, n)
+    exact = R.reference_int8_gemm_grouped(q_x, s_x, q_w, s_w, g, bias, torch.float64)
+    u = HALF_ULP[out_dtype]
+    err = (y.double() - exact).abs()
+    assert float(err.norm() / exact.norm()) <= 1e-5 + u
+    assert bool((err <= u * exact.abs() + 1e-5 * exact.abs().max()).all())
+    # "auto" follows the measured preference: the warp-specialized kernel or the Triton one
+    from qdoctor.kernels import _gluon_group_gemm as ws
+
+    chosen = "ws" if ws.preferred(m, n, torch.cuda.get_device_properties(0).multi_processor_count) else "tma"
+    assert torch.equal(K.int8_gemm_grouped(q_x, s_x, q_w, s_w, g, bias=bias, out_dtype=out_dtype),
+                       K.int8_gemm_grouped(q_x, s_x, q_w, s_w, g, bias=bias, out_dtype=out_dtype, impl=chosen))
+
+
+@pytest.mark.skipif(not HOPPER, reason="the warp-specialized per-group kernel needs sm90")
+def test_int8_gemm_grouped_ws_refuses_what_it_cannot_run(cuda_gen):
+    from qdoctor.errors import QDoctorError
+
+    q_x, q_w = randint8(cuda_gen, 8, 256), randint8(cuda_gen, 64, 256)
+    s_x = torch.rand(8, device="cuda") + 0.1
+    with pytest.raises(QDoctorError, match="group size 128"):
+        K.int8_gemm_grouped(q_x, s_x, q_w, torch.rand(64, 4, device="cuda"), 64, impl="ws")
+    with pytest.raises(QDoctorError, match="per-group"):
+        K.int8_gemm_grouped(q_x, torch.rand(8, 2, device="cuda"), q_w, torch.rand(64, 2, device="cuda"), 128,
+                            impl="ws")
+    with pytest.raises(QDoctorError, match="per-group weights only"):
+        K.int8_gemm(q_x, s_x, q_w, torch.rand(64, device="cuda"), impl="ws")
+
+
 @pytest.mark.parametrize("act", ["token", "tensor", "group"])
 def test_w8a8_linear_end_to_end(cuda_gen, act):
     x = randn(cuda_gen, 2, 150, 1024, dtype=torch.bfloat16)

@@ -264,3 +264,23 @@ def test_clear_errors(gen):
         K.w8a8_linear(x[:, :64], q_w, s_w)
     with pytest.raises(QDoctorError, match="act must be"):
         K.w8a8_linear(x, q_w, s_w, act="channel")
+
+
+def test_impl_is_checked_everywhere(gen):
+    """A bad ``impl`` is refused on CPU too (not silently ignored by the reference path);
+    "ws" (warp-specialized) exists for per-group weights only and falls back to the
+    reference on CPU like every other impl."""
+    x = randn(gen, 4, 256)
+    q_w, s_w = K.quantize_weight_int8(randn(gen, 8, 256))
+    q_wg, s_wg = K.quantize_weight_int8(randn(gen, 8, 256), group_size=128)
+    q_x, s_x = K.quantize_per_token(x)
+    with pytest.raises(QDoctorError, match="impl must be one of"):
+        K.w8a8_linear(x, q_w, s_w, impl="cutlass")
+    with pytest.raises(QDoctorError, match="impl must be one of"):
+        K.int8_gemm_grouped(q_x, s_x, q_wg, s_wg, 128, impl="cutlass")
+    with pytest.raises(QDoctorError, match="per-group weights only"):
+        K.int8_gemm(q_x, s_x, q_w, s_w, impl="ws")
+    with pytest.raises(QDoctorError, match="per-group weights only"):
+        K.int8_mm(q_x, q_w, impl="ws")
+    assert torch.equal(K.w8a8_linear(x, q_wg, s_wg, group_size=128, impl="ws"),
+                       K.reference_w8a8_linear(x, q_wg, s_wg, group_size=128))

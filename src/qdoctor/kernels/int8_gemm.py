@@ -15,14 +15,17 @@ formula evaluated exactly. Weights are (N, K) row-major, the nn.Linear layout.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qdoctor.kernels import reference
 from qdoctor.kernels._support import as_rows, require, use_kernels
 from qdoctor.kernels.act_quant import quantize_per_group, quantize_per_tensor, quantize_per_token
 
-_IMPLS = ("auto", "tma", "ptr")
+_IMPLS = ("auto", "tma", "ptr", "ws")
 GROUP_SIZES = (32, 64, 128, 256)  # group sizes the Triton per-group GEMM tiles (powers of two dividing K)
+WS_GROUP_SIZE = 128  # the warp-specialized Gluon per-group GEMM (sm90): g = 128 only
 
 
 def _check_operands(q_x: torch.Tensor, q_w: torch.Tensor) -> None:
@@ -45,9 +48,39 @@ def _act_mode(s_x: torch.Tensor, m: int, groups: int | None) -> int:
     return ACT_TOKEN
 
 
-def _use_tma(impl: str):
+def _check_impl(impl: str, grouped: bool) -> None:
     require(impl in _IMPLS, f"impl must be one of {_IMPLS}, got {impl!r}")
-    return None if impl == "auto" else impl == "tma"
+    require(grouped or impl != "ws", "impl='ws' (the warp-specialized Gluon kernel) is for per-group weights only")
+
+
+def _use_tma(impl: str):
+    return None if impl in ("auto", "ws") else impl == "tma"
+
+
+@functools.cache
+def _gluon_importable() -> bool:
+    try:
+        import qdoctor.kernels._gluon_group_gemm  # noqa: F401
+    except Exception:  # noqa: BLE001 - no Gluon, or a Triton without its Hopper API
+        return False
+    return True
+
+
+def _ws_unsupported(q_x: torch.Tensor, q_w: torch.Tensor, group_size: int, act_mode: int) -> str | None:
+    """Why the warp-specialized per-group kernel cannot take this call (None: it can)."""
+    from qdoctor.kernels import _triton_gemm
+
+    if group_size != WS_GROUP_SIZE:
+        return f"it needs group size {WS_GROUP_SIZE}, got {group_size}"
+    if act_mode == _triton_gemm.ACT_GROUP:
+        return "it takes per-token or per-tensor activation scales, not per-group"
+    if _triton_gemm._capability(_triton_gemm._device_index(q_x))[0] != 9:
+        return "it needs a Hopper GPU (sm90: wgmma and TMA)"
+    if not _triton_gemm.tma_supported(q_x, q_w, group_size):
+        return "TMA needs unit K stride and 16-byte aligned bases and row strides"
+    if not _gluon_importable():
+        return "this Triton has no Gluon Hopper API (Triton ≥ 3.6 needed)"
+    return None
 
 
 def int8_mm(q_x: torch.Tensor, q_w: torch.Tensor, *, impl: str = "auto", autotune: bool = False) -> torch.Tensor:
@@ -55,6 +88,7 @@ def int8_mm(q_x: torch.Tensor, q_w: torch.Tensor, *, impl: str = "auto", autotun
 
     Unlike ``torch._int_mm`` it takes the weight in its (N, K) layout and any M ≥ 1."""
     _check_operands(q_x, q_w)
+    _check_impl(impl, grouped=False)
     if not use_kernels(q_x):
         return reference.reference_int8_mm(q_x, q_w)
     from qdoctor.kernels import _triton_gemm
@@ -74,6 +108,7 @@ def int8_gemm(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s_w: torc
     ``impl``: "tma" (Hopper TMA loads), "ptr" (pointer loads, any CUDA GPU) or "auto".
     ``autotune`` benchmarks the candidate tile configs on first use of each shape class."""
     _check_operands(q_x, q_w)
+    _check_impl(impl, grouped=False)
     m, n = q_x.shape[0], q_w.shape[0]
     require(s_w.numel() == n, f"s_w must hold N = {n} per-channel scales, got {tuple(s_w.shape)}")
     if not use_kernels(q_x):
@@ -94,20 +129,33 @@ def int8_gemm_grouped(q_x: torch.Tensor, s_x: torch.Tensor, q_w: torch.Tensor, s
     with int32 partial sums per group, scaled and accumulated in fp32. s_w is (N, K/g); s_x
     is (M,) per-token, 1-element per-tensor, or (M, K/g) per-group (then s_x[t, j] is inside
     the sum). g must be a power of two in [32, 256] dividing K. For the fastest scale loads
-    store s_w as the transpose of a contiguous (K/g, N) tensor (any strides work)."""
+    store s_w as the transpose of a contiguous (K/g, N) tensor (any strides work).
+
+    ``impl``: "auto" takes the warp-specialized Gluon kernel ("ws": Hopper, g = 128, per-token
+    or per-tensor activations) where it can run and the Triton kernel otherwise ("tma" or
+    "ptr" loads); ``autotune`` applies to the Triton kernel."""
     _check_operands(q_x, q_w)
     m, (n, k) = q_x.shape[0], q_w.shape
     require(group_size in GROUP_SIZES and k % group_size == 0,
             f"group size must be 32, 64, 128 or 256 and divide K = {k}, got {group_size}")
     groups = k // group_size
     require(tuple(s_w.shape) == (n, groups), f"s_w must be (N, K/g) = ({n}, {groups}), got {tuple(s_w.shape)}")
+    _check_impl(impl, grouped=True)
     if not use_kernels(q_x):
         return reference.reference_int8_gemm_grouped(q_x, s_x, q_w, s_w, group_size, bias, out_dtype)
     from qdoctor.kernels import _triton_gemm
 
+    act_mode = _act_mode(s_x, m, groups)
+    if impl in ("auto", "ws"):
+        why_not = _ws_unsupported(q_x, q_w, group_size, act_mode)
+        require(impl == "auto" or why_not is None, f"impl='ws' cannot run this call: {why_not}")
+        if why_not is None:
+            from qdoctor.kernels import _gluon_group_gemm as ws
+
+            if impl == "ws" or ws.preferred(m, n, _triton_gemm._num_sms(_triton_gemm._device_index(q_x))):
+                return ws.gemm(q_x, s_x.float(), q_w, s_w.float(), bias=bias, out_dtype=out_dtype, act_mode=act_mode)
     return _triton_gemm.gemm(q_x, s_x.float(), q_w, s_w.float(), bias=bias, out_dtype=out_dtype,
-                             act_mode=_act_mode(s_x, m, groups), group_size=group_size, use_tma=_use_tma(impl),
-                             autotune=autotune)
+                             act_mode=act_mode, group_size=group_size, use_tma=_use_tma(impl), autotune=autotune)
 
 
 def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, *, act: str = "token", act_scale=None,
@@ -126,6 +174,7 @@ def w8a8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, *, ac
     Same numbers as ``reference.reference_w8a8_linear`` up to fp32 rounding of the scaling
     (the integer sums are exact in both); on CPU it *is* the reference."""
     reference.check_linear_args(x, w_q, w_scale, act, act_scale, group_size, bias)
+    _check_impl(impl, grouped=group_size is not None)
     if not use_kernels(x):
         return reference.reference_w8a8_linear(x, w_q, w_scale, act=act, act_scale=act_scale,
                                                group_size=group_size, bias=bias)
