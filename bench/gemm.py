@@ -43,7 +43,8 @@ SHAPES = {
     "8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
     "70b": [("qkv", 10240, 8192), ("o", 8192, 8192), ("gate_up", 28672, 8192), ("down", 8192, 28672)],
 }
-METHODS = ["bf16", "int_mm", "int8", "int8 gemm", "int8 g128", "g128 triton", "fp8", "fp8 gemm", "fp8 fast", "torchao"]
+METHODS = ["bf16", "int_mm", "int8", "int8 gemm", "int8 g128", "g128 triton", "fp8", "fp8 gemm", "fp8 fast",
+           "torchao"]
 GROUP = 128
 # Targets from the issue (ratio vs BF16 at M = 8192, measured in the same run).
 TARGETS = [
@@ -94,7 +95,8 @@ def build_methods(x, w, m, n, k):
         "fp8": lambda: (q_xf.float() * s_xf[:, None]) @ (q_wf.float() * s_wf[:, None]).T,
         "bf16": lambda: x.float() @ w.float().T,
     }
-    ref_of = {"int_mm": "int8", "int8 gemm": "int8", "g128 triton": "int8 g128", "fp8 gemm": "fp8", "fp8 fast": "fp8", "torchao": "bf16"}
+    ref_of = {"int_mm": "int8", "int8 gemm": "int8", "g128 triton": "int8 g128", "fp8 gemm": "fp8", "fp8 fast": "fp8",
+              "torchao": "bf16"}
     return methods, refs, ref_of
 
 

@@ -36,8 +36,7 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from qdoctor.kernels._triton_gemm import ACT_TOKEN, _device_index, _num_sms
-
-GROUP_SIZE = 128  # BLOCK_K: one group per K step, one 128-byte swizzle row per TMA box row
+from qdoctor.kernels.int8_gemm import WS_GROUP_SIZE as GROUP_SIZE  # BLOCK_K: one group per K step
 CHANNELS_PER_CONSUMER = 64  # rows of one consumer's wgmma tile (the instruction's M)
 NUM_CONSUMERS = 3
 STAGES = 5
@@ -53,7 +52,8 @@ _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 @gluon.jit
 def _tile_offsets(tile_id, num_pid_n, num_pid_t, BLOCK_N: gl.constexpr, BLOCK_T: gl.constexpr,
                   GROUP_N: gl.constexpr):
-    """(first channel, first token) of a tile in grouped order."""
+    """(first channel, first token) of a tile in grouped order (``_triton_gemm._tile_coords``
+    in Gluon, whose kernels cannot call Triton-language functions)."""
     first = (tile_id // (GROUP_N * num_pid_t)) * GROUP_N
     group_size = gl.minimum(num_pid_n - first, GROUP_N)
     off_n = (first + (tile_id % group_size)) * BLOCK_N
@@ -168,8 +168,7 @@ def preferred(m: int, n: int, num_sms: int) -> bool:
     (bench/gemm.py, Llama shapes): it wins at M ≤ 64 (the wgmma tile shrinks with M) and
     wherever the grid has ≥ ¾ as many tiles as SMs; below that (e.g. M = 256 with N ≤ 8192)
     its 192-channel tiles leave SMs idle and the Triton kernel's smaller tiles are faster."""
-    tiles = triton.cdiv(n, NUM_CONSUMERS * CHANNELS_PER_CONSUMER) * triton.cdiv(m, token_block(m))
-    return m <= 64 or 4 * tiles >= 3 * num_sms
+    return m <= 64 or 4 * _num_tiles(m, n) >= 3 * num_sms
 
 
 def token_block(m: int) -> int:
@@ -177,9 +176,14 @@ def token_block(m: int) -> int:
     return min(128, max(16, triton.next_power_of_2(m)))
 
 
+def _num_tiles(m: int, n: int) -> int:
+    """Output tiles of 192 channels × token_block(M) tokens."""
+    return triton.cdiv(n, NUM_CONSUMERS * CHANNELS_PER_CONSUMER) * triton.cdiv(m, token_block(m))
+
+
 def gemm(q_x, s_x, q_w, s_w, *, bias=None, out_dtype=torch.bfloat16, act_mode=ACT_TOKEN):
     """Launch the warp-specialized per-group(128) GEMM. The caller checked eligibility
-    (``supported``): sm90, TMA-compatible int8 operands, K % 128 == 0, act per-token/per-tensor.
+    (``int8_gemm._ws_unsupported``): sm90, TMA-compatible int8 operands, K % 128 == 0, act per-token/per-tensor.
 
     q_x (M, K) int8, s_x (M,) or (1,) fp32, q_w (N, K) int8, s_w (N, K/128) fp32 (any strides),
     bias (N,) or None → y (M, N) in ``out_dtype``."""
@@ -193,8 +197,7 @@ def gemm(q_x, s_x, q_w, s_w, *, bias=None, out_dtype=torch.bfloat16, act_mode=AC
     x_layout = gl.NVMMASharedLayout.get_default_for([block_t, GROUP_SIZE], gl.int8)
     w_desc = TensorDescriptor.from_tensor(q_w, [CHANNELS_PER_CONSUMER, GROUP_SIZE], w_layout)
     x_desc = TensorDescriptor.from_tensor(q_x, [block_t, GROUP_SIZE], x_layout)
-    tiles = triton.cdiv(n, NUM_CONSUMERS * CHANNELS_PER_CONSUMER) * triton.cdiv(m, block_t)
-    grid = (min(tiles, _num_sms(_device_index(q_x))),)
+    grid = (min(_num_tiles(m, n), _num_sms(_device_index(q_x))),)
     with torch.cuda.device(q_x.device):
         _group_gemm_ws_kernel[grid](
             w_desc, x_desc, out, s_x, s_w, bias if bias is not None else s_x, m, n, k,
