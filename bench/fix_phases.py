@@ -2,9 +2,9 @@
 
     python bench/fix_phases.py [--layers 4] [--calib-samples 64] [--windows 2] [--seqlen 1024]
 
-The phases of ``policy.streamed.StreamedSearcher`` run one by one with the peak-memory counter
-reset in between: calibration (streamed hooks), the FP held-out perplexity, the layer evidence
-(weights only) and one trial (every block quantized with the target scheme as it is read).
+The phases of ``policy.search.Searcher`` on a block-streamed model run one by one with the peak-memory counter
+reset in between: the scan (calibration statistics and layer evidence in one streamed pass),
+the FP held-out perplexity and one trial (every block quantized with the target scheme as it is read).
 Printed per phase: seconds and the peak above the resident non-block tensors, in GiB and in
 blocks. Random weights of the real shapes (``models.lazy.RandomSource``), real WikiText-2 text
 (see bench/stream.py); a benchmark, never a test.
@@ -29,13 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import LlamaConfig
 
     from stream import SHAPES, word_tokenizer
-    from qdoctor.calib.collect import CalibrationConfig, calibrate
+    from qdoctor.calib.collect import CalibrationConfig
     from qdoctor.eval.perplexity import perplexity
     from qdoctor.models.lazy import RandomSource, load_lazy
-    from qdoctor.models.registry import arch_for, block_linear_names, get_blocks
-    from qdoctor.policy.evidence import layer_evidence_of
+    from qdoctor.models.registry import bos_token_id, get_blocks
+    from qdoctor.policy.recipe import Recipe
     from qdoctor.policy.search import FixConfig, heldout_windows, resolve_target
-    from qdoctor.policy.streamed import each_block, treat_block
+    from qdoctor.scan.run import scan_with_stats
 
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (peak device memory is what it measures)")
@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
     cfg = FixConfig(calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=0,
                                                   sample_rows=512, holdout_fraction=0.2),
                     eval_windows=args.windows, eval_seqlen=args.seqlen)
-    arch = arch_for(model)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     print(f"70B shapes, {args.layers} blocks; resident non-block tensors {base / 2**30:.2f} GiB, "
@@ -64,22 +63,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:28s} {time.perf_counter() - t:6.1f} s   peak above resident {above / 2**30:5.2f} GiB "
               f"= {above / block_bytes:.2f} blocks", flush=True)
 
-    def evidence():
-        def fn(i, block):
-            for rel in arch.linears:
-                name = f"{arch.blocks}.{i}.{rel}"
-                layer_evidence_of(name, block.get_submodule(rel).weight, state["stats"][name], cfg.group_size)
-        each_block(model, fn)
-
     target = resolve_target(cfg.target)
-    phase("calibration", lambda: state.update(stats=calibrate(model, tok, cfg.calibration,
-                                                              layer_names=block_linear_names(model))))
-    state["windows"] = heldout_windows(tok, cfg, arch)
+    phase("scan (calibration + evidence)",
+          lambda: state.update(stats=scan_with_stats(model, tok, cfg.scan_config(progress=False))[1]))
+    state["windows"] = heldout_windows(tok, cfg, bos_token_id(model, tok))
     phase("FP held-out perplexity", lambda: perplexity(model, tok, windows=state["windows"], progress=False))
-    phase("layer evidence", evidence)
-    phase(f"one trial ({cfg.target})", lambda: perplexity(
-        model, tok, windows=state["windows"], progress=False,
-        block_transform=lambda i, b: treat_block(model, i, b, target, [], state["stats"])))
+    phase(f"one trial ({cfg.target})", lambda: Recipe(scheme=target).perplexity(
+        model, tok, state["windows"], state["stats"]))
 
 
 if __name__ == "__main__":

@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(out["scan"], indent=1), flush=True)
 
     if args.fix:
-        from qdoctor.policy.search import FixConfig, search
-        from qdoctor.policy.streamed import StreamedSearcher
+        from qdoctor.policy.search import FixConfig, Searcher, search
 
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         fcfg = FixConfig(calibration=CalibrationConfig(n_samples=args.fix_calib, seqlen=args.calib_seqlen,
                                                        seed=args.seed, sample_rows=512, holdout_fraction=0.2),
                          eval_windows=args.fix_windows, eval_seqlen=args.fix_seqlen)
-        searcher = StreamedSearcher(model, tok, fcfg, progress=True)
+        searcher = Searcher(model, tok, fcfg, progress=True)
         t_setup = time.perf_counter() - t2
         result = search(model, tok, fcfg, progress=True, searcher=searcher)
         fix_s = time.perf_counter() - t2
@@ -161,14 +160,17 @@ def main(argv: list[str] | None = None) -> None:
         import tempfile
         from pathlib import Path
 
-        from qdoctor.export import export_streamed
+        from qdoctor.export import export_checkpoint
+        from qdoctor.policy.recipe import Recipe
+        from qdoctor.quant.spec import get_scheme
 
         target = Path(args.export_dir) if args.export_dir else Path(tempfile.mkdtemp(prefix="qdoctor-export-")) / "ckpt"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t3 = time.perf_counter()
         scheme = "w8a8-channel-tensor-static" if stats is not None else "w8a8-channel-token"
-        rep = export_streamed(model, tok, target, scheme, stats, progress=True)
+        rep = export_checkpoint(model, tok, target, recipe=Recipe(scheme=get_scheme(scheme)), stats=stats,
+                                max_shard_size=None, progress=True)
         out["export"] = {"seconds": round(time.perf_counter() - t3, 1), "scheme": scheme,
                          "blocks": config.num_hidden_layers,
                          "weights_gib": gib(rep.weights_bytes), "bf16_gib": gib(rep.bf16_bytes),

@@ -12,13 +12,16 @@ import time
 from dataclasses import dataclass, field
 
 from qdoctor.calib.collect import CalibrationConfig, CalibrationStats, calibrate
+from qdoctor.calib.text import text_source
 from qdoctor.eval.perplexity import PerplexityResult, perplexity, token_windows
 from qdoctor.models.loading import load
+from qdoctor.models.registry import bos_token_id
+from qdoctor.policy.recipe import Recipe
 from qdoctor.quant.apply import quantize, restore
-from qdoctor.quant.spec import Scheme, get_scheme
+from qdoctor.quant.spec import LayerScheme, Scheme, get_scheme
 
 __all__ = ["load", "calibrate", "quantize", "restore", "perplexity", "compare_schemes", "SchemeResult",
-           "CalibrationConfig", "CalibrationStats"]
+           "CalibrationConfig", "CalibrationStats", "Recipe"]
 
 
 @dataclass
@@ -41,43 +44,44 @@ class SchemeResult:
         return d
 
 
-def compare_schemes(model, tokenizer, schemes: list["str | Scheme"], seqlen: int = 2048, limit: int | None = None,
-                    source: str = "wikitext2:test", calib_config: CalibrationConfig | None = None,
-                    calibration: CalibrationStats | None = None, overrides: dict | None = None,
-                    progress: bool = True) -> tuple[list[SchemeResult], CalibrationStats | None]:
-    """Perplexity of the full-precision model, then of each scheme (quantize → measure → restore).
+def compare_schemes(model, tokenizer, schemes: list["str | Scheme | Recipe"], seqlen: int = 2048,
+                    limit: int | None = None, source: str = "wikitext2:test",
+                    calib_config: CalibrationConfig | None = None, calibration: CalibrationStats | None = None,
+                    overrides: dict | None = None, progress: bool = True,
+                    windows=None) -> tuple[list[SchemeResult], CalibrationStats | None]:
+    """Perplexity of the full-precision model, then of each plan — a named scheme, a ``Scheme`` or
+    a ``Recipe`` — each measured by ``Recipe.perplexity`` (every block treated as it is opened,
+    for a model in memory and a block-streamed one alike; the model is unchanged afterwards).
 
-    The text is tokenized once; calibration runs once, only if a scheme needs static scales."""
-    from qdoctor.calib.text import text_source
-    from qdoctor.models.registry import arch_for
-
-    resolved = [get_scheme(s) for s in schemes]
+    The text is tokenized once (or ``windows`` given); calibration runs once per distinct
+    configuration, only for plans that need it: ``calibration`` (or ``calib_config``) for the
+    schemes, a recipe's own configuration for a recipe. Returns the rows and the schemes'
+    calibration statistics."""
+    plans = [p if isinstance(p, Recipe) else get_scheme(p) for p in schemes]
     if overrides:
-        resolved = [s.with_overrides(_as_layer_schemes(overrides)) for s in resolved]
-    arch = arch_for(model)
-    bos = tokenizer.bos_token_id if arch.needs_bos else None
-    windows = token_windows(tokenizer, text_source(source), seqlen, bos)
-    t0 = time.perf_counter()
-    fp = perplexity(model, tokenizer, windows=windows, limit=limit, progress=progress, desc="perplexity (full precision)")
+        plans = [p.with_overrides(_as_layer_schemes(overrides)) if isinstance(p, Scheme) else p for p in plans]
+    calib_config = calib_config or CalibrationConfig()
+    recipes = [Recipe.of(p, calib_config) for p in plans]
+    if windows is None:
+        windows = token_windows(tokenizer, text_source(source), seqlen, bos_token_id(model, tokenizer))
+    fp = perplexity(model, tokenizer, windows=windows, limit=limit, progress=progress,
+                    desc="perplexity (full precision)")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    results = [SchemeResult("full-precision", f"unquantized ({dtype})", fp, seconds=time.perf_counter() - t0)]
-    if calibration is None and any(s.needs_calibration for s in resolved):
-        calibration = calibrate(model, tokenizer, calib_config)
-    for s in resolved:
+    results = [SchemeResult("full-precision", f"unquantized ({dtype})", fp, seconds=fp.seconds)]
+    stats_for: dict = {}  # calibration config → statistics
+    if calibration is not None:
+        stats_for[calib_config] = calibration
+    for plan, r in zip(plans, recipes):
         t0 = time.perf_counter()
-        res = quantize(model, s, calibration=calibration, progress=progress)
-        try:
-            ppl = perplexity(model, tokenizer, windows=windows, limit=limit, progress=progress,
-                             desc=f"perplexity ({s.name})")
-        finally:
-            restore(model)
-        kept = sum(1 for ls in res.layers.values() if ls.keep)
-        results.append(SchemeResult(s.name, s.description, ppl, quantized_layers=len(res.layers) - kept,
-                                    kept_layers=kept, seconds=time.perf_counter() - t0))
-    return results, calibration
+        cfg = r.calibration_config() if r.needs_calibration else None
+        if cfg is not None and cfg not in stats_for:
+            stats_for[cfg] = r.statistics(model, tokenizer)
+        ppl, applied = r.perplexity(model, tokenizer, windows, stats_for.get(cfg), desc=f"perplexity ({r.name})",
+                                    progress=progress, limit=limit)
+        results.append(SchemeResult(r.name, plan.description if isinstance(plan, Scheme) else "recipe", ppl, quantized_layers=applied.quantized,
+                                    kept_layers=applied.kept, seconds=time.perf_counter() - t0))
+    return results, stats_for.get(calib_config)
 
 
 def _as_layer_schemes(overrides: dict) -> dict:
-    from qdoctor.quant.spec import LayerScheme
-
     return {k: v if isinstance(v, LayerScheme) else LayerScheme.from_dict(v) for k, v in overrides.items()}

@@ -1,4 +1,5 @@
-"""Block-streamed export writes the checkpoint that the whole-model export writes."""
+"""Export with the plan applied block by block (block-streamed or in memory) writes the checkpoint
+of the model quantized first."""
 
 import copy
 import json
@@ -10,8 +11,9 @@ import qdoctor
 from export.ct_reference import read_tensors
 from export.test_checkpoint import MIXED
 from qdoctor.errors import QDoctorError
-from qdoctor.export import export_checkpoint, export_streamed
+from qdoctor.export import export_checkpoint
 from qdoctor.models.lazy import load_lazy
+from qdoctor.policy.recipe import Recipe
 from qdoctor.quant.spec import Scheme
 from qdoctor.transforms.smoothing import SmoothingStep, apply_smoothing
 
@@ -40,7 +42,8 @@ def test_streamed_export_equals_whole_model_export(tiny_llama_dir, tmp_path, smo
     export_checkpoint(model, tok, tmp_path / "whole", progress=False)
 
     lazy = load_lazy(tiny_llama_dir, dtype=torch.float32, device="cpu")
-    report = export_streamed(lazy, tok, tmp_path / "stream", MIXED, lazy_stats, steps, progress=False)
+    report = export_checkpoint(lazy, tok, tmp_path / "stream", recipe=Recipe(scheme=MIXED, smoothing=steps),
+                               stats=lazy_stats, max_shard_size=None, progress=False)
     whole_t, whole_cfg, _ = _checkpoint(tmp_path / "whole")
     stream_t, stream_cfg, index = _checkpoint(tmp_path / "stream")
     assert sorted(stream_t) == sorted(whole_t)
@@ -57,17 +60,43 @@ def test_streamed_export_equals_whole_model_export(tiny_llama_dir, tmp_path, smo
     assert all(p.is_meta for b in lazy.model.layers for p in b.parameters())
 
 
-def test_streamed_export_refusals(tiny_llama_dir, tmp_path):
+def test_recipe_export_in_memory_equals_quantize_then_export(tiny_llama_dir, tmp_path):
+    """A model in memory exported with a recipe (blocks treated as written, then put back) gives
+    the checkpoint of the model quantized first, and is left as it was."""
     model, tok = qdoctor.load(str(tiny_llama_dir), dtype="fp32", device="cpu")
-    with pytest.raises(QDoctorError, match="block-streamed model"):
-        export_streamed(model, tok, tmp_path / "a", "w8a8-channel-token")
-    lazy = load_lazy(tiny_llama_dir, dtype=torch.float32, device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stats = qdoctor.calibrate(model, tok, qdoctor.CalibrationConfig(n_samples=4, seqlen=64))
+    recipe = Recipe(scheme=MIXED, smoothing=[SmoothingStep("smoothquant", 0.5)])
+    export_checkpoint(model, tok, tmp_path / "recipe", recipe=recipe, stats=stats, progress=False)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    recipe.apply(model, tok, stats=stats, progress=False)
+    export_checkpoint(model, tok, tmp_path / "quantized", progress=False)
+    a, b = read_tensors(tmp_path / "recipe"), read_tensors(tmp_path / "quantized")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_quantized_lm_head_is_exported_block_streamed_too(tiny_llama_dir, tmp_path):
+    """A scheme that also quantizes the LM head: the head is treated outside the block loop and
+    written as the whole-model export writes it."""
     head_too = Scheme.from_dict({"name": "all", "default": {"weights": {"dtype": "int8", "granularity": "channel"}},
                                  "ignore": []})
-    with pytest.raises(QDoctorError, match="lm_head"):
-        export_streamed(lazy, tok, tmp_path / "b", head_too)
+    model, tok = qdoctor.load(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    qdoctor.quantize(model, head_too, progress=False)
+    export_checkpoint(model, tok, tmp_path / "whole", progress=False)
+    lazy = load_lazy(tiny_llama_dir, dtype=torch.float32, device="cpu")
+    export_checkpoint(lazy, tok, tmp_path / "stream", recipe=Recipe(scheme=head_too), progress=False)
+    a, b = read_tensors(tmp_path / "whole"), read_tensors(tmp_path / "stream")
+    assert "lm_head.weight_scale" in a and sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_streamed_export_refusals(tiny_llama_dir, tmp_path):
+    lazy = load_lazy(tiny_llama_dir, dtype=torch.float32, device="cpu")
+    with pytest.raises(QDoctorError, match="not quantized"):
+        export_checkpoint(lazy, None, tmp_path / "a")
     with pytest.raises(QDoctorError, match="calibrate first"):
-        export_streamed(lazy, tok, tmp_path / "c", "w8a8-channel-tensor-static")
+        export_checkpoint(lazy, None, tmp_path / "c", recipe=Recipe.of(qdoctor.quant.get_scheme(
+            "w8a8-channel-tensor-static")))
     assert not any(tmp_path.iterdir())  # nothing written, not even a staging directory
     assert lazy.qdoctor_lazy.loads == 0
 

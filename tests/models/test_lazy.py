@@ -151,8 +151,16 @@ def test_scan_cli_stream_matches_whole_model(tmp_path, capsys):
     assert [x["name"] for x in a] == [x["name"] for x in b]
     assert [x["verdict"] for x in a] == [x["verdict"] for x in b]
     capsys.readouterr()
-    assert main(["scan", "--model", str(tmp_path / "m"), "--stream", "--sensitivity", "layer", "--quiet"]) == 2
-    assert "not available with --stream" in capsys.readouterr().err
+    # per-projection sensitivity goes through the block pipeline too: the same numbers streamed
+    whole, streamed = cli_reports_whole_and_streamed(
+        tmp_path, ["scan", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "fp32", "--calib-samples", "2",
+                   "--calib-seqlen", "32", "--quiet", "--sensitivity", "projection", "--sensitivity-windows", "1",
+                   "--sensitivity-seqlen", "32"])
+    ra, rb = whole["sensitivity"]["results"], streamed["sensitivity"]["results"]
+    assert sorted(ra) == sorted(rb) and len(ra) == 7
+    for k in ra:
+        assert rb[k]["ppl"] == pytest.approx(ra[k]["ppl"], rel=1e-4), k
+    capsys.readouterr()
     assert main(["scan", "--model", "smollm2-135m", "--stream", "--quiet"]) == 2
     assert "--stream reads a local Hugging Face directory" in capsys.readouterr().err
 

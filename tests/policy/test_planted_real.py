@@ -11,10 +11,11 @@ import copy
 import pytest
 import torch
 
-import qdoctor
 from qdoctor.calib.collect import CalibrationConfig
 from qdoctor.eval.perplexity import perplexity
-from qdoctor.policy.evidence import cap, choose_group_size, layer_evidence, rank_weight_outliers
+from qdoctor.policy.evidence import cap, evidence_from_scan, rank_weight_outliers
+from qdoctor.scan import ScanConfig
+from qdoctor.scan.run import scan_with_stats
 from qdoctor.policy.search import group_scheme
 from qdoctor.quant import get_scheme, quantize, restore
 from qdoctor.transforms.plant import plant_weight_outliers
@@ -48,12 +49,13 @@ def test_planted_outliers_found_and_treated(smollm2):
     planted = _q_ppl(model, tok)
     assert planted > 2 * unplanted  # plain per-channel W8A8 degrades clearly
 
-    stats = qdoctor.calibrate(model, tok, CalibrationConfig(n_samples=8, seqlen=256, sample_rows=256))
-    ev = layer_evidence(model, stats)
+    report, stats = scan_with_stats(model, tok, ScanConfig(
+        calibration=CalibrationConfig(n_samples=8, seqlen=256, sample_rows=256), progress=False))
+    ev = evidence_from_scan(report)
     chosen = cap(rank_weight_outliers(ev, 0.01), 210, 0.03)
     assert set(chosen) == set(res.layers)  # precision and recall 1.0
 
-    groups = {n: choose_group_size(stats[n].rows, model.get_submodule(n).weight, 0.01)[0] for n in chosen}
+    groups = {n: ev[n].needed_group_size(0.01) for n in chosen}
     mixed = _q_ppl(model, tok, {n: group_scheme(W8A8, g) for n, g in groups.items()})
     assert mixed < unplanted * 1.02
 

@@ -1,4 +1,4 @@
-"""The block-streamed plan search scores every plan as the whole-model search does."""
+"""One Searcher: on a block-streamed model it scores every plan as on the model in memory."""
 
 import pytest
 import torch
@@ -8,7 +8,6 @@ from qdoctor.errors import QDoctorError
 from qdoctor.models.lazy import load_lazy
 from qdoctor.models.registry import get_blocks
 from qdoctor.policy.search import FixConfig, Plan, Searcher, group_scheme, keep_scheme, search
-from qdoctor.policy.streamed import StreamedSearcher
 from qdoctor.transforms.smoothing import SmoothingStep
 from tests.helpers import cli_reports_whole_and_streamed, save_tiny, tiny_model, tiny_tokenizer
 
@@ -25,7 +24,7 @@ def pair(tmp_path_factory):
     tok = tiny_tokenizer()
     cfg = _config(budget_pct=0.5)
     eager = Searcher(tiny_model("llama").eval(), tok, cfg, progress=False)
-    lazy = StreamedSearcher(load_lazy(d, dtype=torch.float32, device="cpu"), tok, cfg, progress=False)
+    lazy = Searcher(load_lazy(d, dtype=torch.float32, device="cpu"), tok, cfg, progress=False)
     return eager, lazy
 
 
@@ -55,6 +54,9 @@ def test_plans_score_the_same(pair):
         assert b.ppl == pytest.approx(a.ppl, rel=1e-4), plan.label
     # nothing stays materialized, and the whole-model searcher left its model as it was
     assert all(p.is_meta for blk in get_blocks(lazy.model) for p in blk.parameters())
+    fresh = tiny_model("llama").eval()
+    for (k, v), (k2, v2) in zip(eager.model.state_dict().items(), fresh.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
 
 
 def test_search_picks_the_same_plan(pair):
@@ -66,14 +68,13 @@ def test_search_picks_the_same_plan(pair):
     assert b.best.ppl == pytest.approx(a.best.ppl, rel=1e-4)
 
 
-def test_stream_rejects_task_metric_and_eager_models(tmp_path):
+def test_stream_rejects_task_metric(tmp_path):
     save_tiny("llama", tmp_path / "m")
     tok = tiny_tokenizer()
+    lazy = load_lazy(tmp_path / "m", dtype=torch.float32, device="cpu")
     with pytest.raises(QDoctorError, match="perplexity metric only"):
-        StreamedSearcher(load_lazy(tmp_path / "m", dtype=torch.float32, device="cpu"), tok,
-                         _config(metric="tasks:piqa"), progress=False)
-    with pytest.raises(QDoctorError, match="lazy model"):
-        StreamedSearcher(tiny_model("llama"), tok, _config(), progress=False)
+        Searcher(lazy, tok, _config(metric="tasks:piqa"), progress=False)
+    assert lazy.qdoctor_lazy.loads == 0  # refused before any block was read
 
 
 def test_fix_cli_stream_matches_whole_model(tmp_path, capsys):

@@ -18,7 +18,7 @@ from qdoctor.quant.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from qdoctor.quant.spec import QuantSpec
 from qdoctor.scan import ERROR_KEYS, ScanConfig, ScanReport, Thresholds, group_size_for, scan, scan_with_stats
 from qdoctor.scan.collect import InputRecorder, uniform_token_mask
-from qdoctor.scan.run import input_groups
+
 from qdoctor.stats.quant_error import act_rel_error, output_rel_error, weight_rel_error
 from qdoctor.stats.spikes import spike_mask, spike_ratio
 from qdoctor.testing import plant_weight_outliers, precision_recall
@@ -94,11 +94,11 @@ def test_spike_rows_capped_by_uniform_priority_sample():
 
 def test_input_groups_follow_the_norm_pairs():
     llama = tiny_model("llama")
-    assert input_groups(arch_for(llama), llama.config) == [
+    assert arch_for(llama).input_groups(llama.config) == [
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
         ("self_attn.o_proj",), ("mlp.down_proj",)]
     mixtral = tiny_model("mixtral")
-    assert input_groups(arch_for(mixtral), mixtral.config) == [
+    assert arch_for(mixtral).input_groups(mixtral.config) == [
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",)]
 
 

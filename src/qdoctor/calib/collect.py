@@ -7,16 +7,23 @@ text (WikiText-2 validation by default; never the test split).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from qdoctor.calib.observers import LinearInputStats
 from qdoctor.calib.text import CALIBRATION_SPLIT, text_source
 from qdoctor.errors import QDoctorError
-from qdoctor.models.lazy import is_lazy
+from qdoctor.io import atomic_path
+from qdoctor.calib.windows import prepend_bos, window_body
+from qdoctor.models.registry import arch_for, block_linear_names, bos_token_id
+from qdoctor.models.streaming import stream_blocks
+
+
+STATS_VERSION = 1  # of the saved statistics file (CalibrationStats.save)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,56 @@ class CalibrationStats:
     def act_absmax(self, name: str, observer: str = "absmax") -> float:
         return self[name].observe(observer)
 
+    def save(self, path: str) -> None:
+        """Write the statistics to one safetensors file, atomically: per recording layer (layers
+        that share an input share one) its channel maxima, per-token maxima and sampled rows;
+        the calibration windows; in the metadata the config and which layer records for which."""
+        from safetensors.torch import save_file
+
+        owners: dict[int, str] = {}
+        layers = {name: owners.setdefault(id(st), name) for name, st in self.layers.items()}
+        tensors = {"input_ids": self.input_ids.contiguous()}
+        for name, owner in layers.items():
+            if name == owner:
+                st = self.layers[name]
+                tensors.update(st.to_tensors(name))
+                if st.rows is not None:
+                    tensors[f"{name}.rows"] = st.rows.contiguous()
+        meta = {"qdoctor_stats": str(STATS_VERSION), "config": json.dumps(asdict(self.config)),
+                "layers": json.dumps(layers)}
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp, metadata=meta)
+
+    @classmethod
+    def load(cls, path: str) -> "CalibrationStats":
+        """The statistics ``save`` wrote (never unpickles: safetensors and JSON only)."""
+        from safetensors import SafetensorError, safe_open
+
+        if not Path(path).is_file():
+            raise QDoctorError(f"{path}: no such statistics file")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                if meta.get("qdoctor_stats") != str(STATS_VERSION):
+                    raise QDoctorError(f"{path}: not qdoctor calibration statistics of version {STATS_VERSION}")
+                layers, keys = json.loads(meta["layers"]), set(f.keys())
+                stats, by_owner = {}, {}
+                for name, owner in layers.items():
+                    if owner not in by_owner:
+                        st = LinearInputStats.from_tensors(f.get_tensor(f"{owner}.channel_absmax"),
+                                                           f.get_tensor(f"{owner}.token_absmax"))
+                        if f"{owner}.rows" in keys:
+                            st.rows = f.get_tensor(f"{owner}.rows")
+                        by_owner[owner] = st
+                    stats[name] = by_owner[owner]
+                config = CalibrationConfig(**json.loads(meta["config"]))
+                input_ids = f.get_tensor("input_ids")
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise QDoctorError(f"{path}: unreadable statistics file ({str(e).splitlines()[0]})") from None
+        for st in by_owner.values():
+            st.sample_rows, st.seed = config.sample_rows, config.seed
+        return cls(layers=stats, input_ids=input_ids, config=config)
+
 
 def calibration_token_ids(tokenizer, config: CalibrationConfig, heldout: bool = False) -> torch.Tensor:
     """The tokenized calibration text: its first (1 − holdout_fraction) for calibration, or
@@ -68,62 +125,70 @@ def calibration_windows(tokenizer, config: CalibrationConfig, bos_id: int | None
 
     With ``bos_id`` (models that need <bos>) each window is [bos] + L−1 text tokens."""
     ids = calibration_token_ids(tokenizer, config)
-    body = config.seqlen - (1 if bos_id is not None else 0)
+    body = window_body(config.seqlen, bos_id)
     if ids.numel() < body + 1:
         raise QDoctorError(f"calibration text has {ids.numel()} tokens; need more than {body} for seqlen {config.seqlen}")
     g = torch.Generator().manual_seed(config.seed)
     starts = torch.randint(0, ids.numel() - body, (config.n_samples,), generator=g)
-    rows = torch.stack([ids[s:s + body] for s in starts.tolist()])
-    if bos_id is not None:
-        rows = torch.cat([torch.full((rows.shape[0], 1), bos_id, dtype=torch.long), rows], dim=1)
-    return rows
+    return prepend_bos(torch.stack([ids[s:s + body] for s in starts.tolist()]), bos_id)
 
 
 def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names: list[str],
                          batch_size: int = 4, desc: str = "calibrating", sample_rows: int = 0,
-                         seed: int = 0) -> dict[str, LinearInputStats]:
-    """Forward ``input_ids`` (N, L) through ``model`` in batches, with pre-hooks that fold each
-    named linear's input into a ``LinearInputStats`` (keeping ``sample_rows`` sampled rows)."""
+                         seed: int = 0, block_transform=None) -> dict[str, LinearInputStats]:
+    """Run ``input_ids`` (N, L) through the block pipeline (``models.streaming``) with pre-hooks
+    that fold each named linear's input into a ``LinearInputStats`` (keeping ``sample_rows``
+    sampled rows). Layers that read one tensor (q/k/v, gate/up) share one statistics object. ``block_transform(i, block)`` treats each block for this pass only (e.g.
+    smooths it: the statistics of the smoothed model)."""
     modules = dict(model.named_modules())
+    arch = arch_for(model)
+    prefix = arch.blocks + "."
+    shared = {rel: group[0] for group in arch.input_groups(model.config) for rel in group}
     stats: dict[str, LinearInputStats] = {}
-    handles = []
+    recorders: dict[str, LinearInputStats] = {}  # full name of the layer that records → its statistics
+    by_block: dict[int, list[str]] = {}
+    wanted = set(layer_names)
     for name in layer_names:
         mod = modules.get(name)
         if mod is None:
             raise QDoctorError(f"model has no module {name!r}")
-        stats[name] = LinearInputStats(in_features=mod.in_features, sample_rows=sample_rows, seed=seed)
+        if not name.startswith(prefix):
+            raise QDoctorError(f"{name} is not inside a decoder block; calibration records block inputs only")
+        i, _, rel = name[len(prefix):].partition(".")
+        # consumers of one norm see one tensor (``ArchSpec.input_groups``): one recorder for them all
+        owner = f"{prefix}{i}.{shared.get(rel, rel)}"
+        owner = owner if owner in wanted else name
+        if owner not in recorders:
+            recorders[owner] = LinearInputStats(in_features=mod.in_features, sample_rows=sample_rows, seed=seed)
+            by_block.setdefault(int(i), []).append(owner)
+        stats[name] = recorders[owner]
 
-        def hook(_m, args, _s=stats[name]):
-            _s.update(args[0])
+    def on_block(i, block, inputs):
+        if block_transform is not None:
+            block_transform(i, block)
+        handles = []
+        for name in by_block.get(i, ()):
+            def hook(_m, args, _s=stats[name]):
+                _s.update(args[0])
 
-        handles.append(mod.register_forward_pre_hook(hook))
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            if is_lazy(model):  # blocks streamed from their source
-                from qdoctor.models.streaming import stream_blocks
+            handles.append(block.get_submodule(name[len(prefix):].split(".", 1)[1]).register_forward_pre_hook(hook))
+        try:
+            return inputs.forward(block)
+        finally:
+            for h in handles:
+                h.remove()
 
-                stream_blocks(model, input_ids, lambda i, block, inputs: None, batch_size=batch_size, desc=desc,
-                              final_outputs=True)  # the last block runs too
-            else:
-                for i in tqdm(range(0, input_ids.shape[0], batch_size), desc=desc, unit="batch", leave=False):
-                    model(input_ids[i:i + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    stream_blocks(model, input_ids, on_block, batch_size=batch_size, desc=desc, transient=block_transform is not None)
     return stats
 
 
 def calibrate(model: nn.Module, tokenizer, config: CalibrationConfig | None = None,
-              layer_names: list[str] | None = None) -> CalibrationStats:
-    """Calibration statistics for every quantizable linear (registry) or ``layer_names``."""
-    from qdoctor.models.registry import arch_for, block_linear_names
-
+              layer_names: list[str] | None = None, block_transform=None) -> CalibrationStats:
+    """Calibration statistics for every quantizable linear (registry) or ``layer_names``;
+    ``block_transform`` as ``collect_linear_stats``'."""
     config = config or CalibrationConfig()
-    arch = arch_for(model)
-    names = layer_names or block_linear_names(model, arch)
-    bos = tokenizer.bos_token_id if arch.needs_bos else None
-    ids = calibration_windows(tokenizer, config, bos_id=bos)
+    names = layer_names or block_linear_names(model)
+    ids = calibration_windows(tokenizer, config, bos_id=bos_token_id(model, tokenizer))
     stats = collect_linear_stats(model, ids, names, config.batch_size, sample_rows=config.sample_rows,
-                                 seed=config.seed)
+                                 seed=config.seed, block_transform=block_transform)
     return CalibrationStats(layers=stats, input_ids=ids, config=config)

@@ -42,7 +42,7 @@ class LinearInputStats:
     _token_absmax: torch.Tensor | None = None
     sample_rows: int = 0
     seed: int = 0
-    rows: torch.Tensor | None = None  # (≤ sample_rows, K) sampled token rows
+    rows: torch.Tensor | None = None  # (≤ sample_rows, K) sampled token rows, in the activations' dtype
     _row_keys: torch.Tensor | None = None
     _gen: torch.Generator | None = None
 
@@ -50,17 +50,22 @@ class LinearInputStats:
         if self.channel_absmax is None:
             self.channel_absmax = torch.zeros(self.in_features, dtype=torch.float32)
 
-    def update(self, x: torch.Tensor) -> None:
-        """Fold a batch X of shape (B, L, K) (or (L, K)) into the running statistics."""
-        ax = x.detach().abs().float()
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """Fold a batch X of shape (B, L, K) (or (L, K)) into the running statistics; returns
+        the batch's per-token maxima (B, L) on the CPU. Maxima are taken in X's own dtype (exact)
+        where X is, so no fp32 copy of the activations is made."""
+        ax = x.detach().abs()
         if ax.dim() == 2:
             ax = ax.unsqueeze(0)
         ax = ax.reshape(-1, ax.shape[-2], ax.shape[-1])
-        self.channel_absmax = torch.maximum(self.channel_absmax, ax.amax(dim=(0, 1)).cpu())
-        self._token_rows.append(ax.amax(dim=-1).cpu())
+        self.channel_absmax = torch.maximum(self.channel_absmax, ax.amax(dim=(0, 1)).float().cpu())
+        tok = ax.amax(dim=-1).float().cpu()
+        del ax
+        self._token_rows.append(tok)
         self._token_absmax = None
         if self.sample_rows > 0:
             self._sample(x.detach().reshape(-1, x.shape[-1]))
+        return tok
 
     def _sample(self, flat: torch.Tensor) -> None:
         """Keep the ``sample_rows`` rows with the largest seeded uniform keys (a uniform sample
@@ -73,7 +78,8 @@ class LinearInputStats:
         keys = new_keys if self.rows is None else torch.cat([self._row_keys, new_keys])
         top = (keys.topk(self.sample_rows).indices.sort().values if keys.numel() > self.sample_rows
                else torch.arange(keys.numel()))
-        new_rows = flat[(top[top >= n_old] - n_old).to(flat.device)].float().cpu()
+        # kept in the input's own dtype (bf16 activations stay bf16: lossless, half the host memory)
+        new_rows = flat[(top[top >= n_old] - n_old).to(flat.device)].cpu()
         self.rows = new_rows if n_old == 0 else torch.cat([self.rows[top[top < n_old]], new_rows])
         self._row_keys = keys[top]
 

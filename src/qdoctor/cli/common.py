@@ -77,16 +77,6 @@ def calib_config(args):
                              source=args.calib_source, seed=args.seed)
 
 
-def plan_parts(plan, args) -> tuple:
-    """(scheme, smoothing steps, calibration config or None) of a ``Scheme`` or a ``Recipe``, for
-    the block-streamed commands; a recipe's own calibration replaces the --calib-* options."""
-    from qdoctor.quant.spec import Scheme
-
-    if isinstance(plan, Scheme):
-        return plan, [], (calib_config(args) if plan.needs_calibration else None)
-    return plan.scheme, list(plan.smoothing), (plan.calibration_config() if plan.needs_calibration else None)
-
-
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 

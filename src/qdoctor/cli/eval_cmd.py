@@ -12,7 +12,6 @@ from qdoctor.cli.common import (
     calib_config,
     environment,
     load_model,
-    plan_parts,
     positive_int,
     require_parent,
     say,
@@ -67,15 +66,8 @@ def resolve_schemes(args) -> list:
 def run(args) -> int:
     schemes = resolve_schemes(args)
     require_parent(args.json)
-    if args.stream:
-        if args.tasks:
-            raise QDoctorError("--tasks is not available with --stream (zero-shot scoring needs the whole model); "
-                               "--stream measures perplexity")
-        return run_streamed(args, schemes)
     if args.tasks:
         return run_tasks(args, schemes)
-    if any(not hasattr(s, "default") for s in schemes):
-        return run_recipes(args, schemes)
     t0 = time.perf_counter()
     model, tok = load_model(args)
     return finish(args, run_table(model, tok, schemes, args), t0)
@@ -94,10 +86,12 @@ def finish(args, rows, t0: float) -> int:
 
 
 def run_table(model, tok, schemes, args):
+    """Perplexity of full precision vs each scheme or recipe (``api.compare_schemes``: every plan
+    measured through the block pipeline, whole and block-streamed models alike)."""
     from qdoctor.api import compare_schemes
 
-    results, calib = compare_schemes(model, tok, schemes, seqlen=args.seqlen, limit=args.limit, source=args.text,
-                                     calib_config=calib_config(args))
+    results, _ = compare_schemes(model, tok, schemes, seqlen=args.seqlen, limit=args.limit, source=args.text,
+                                 calib_config=calib_config(args))
     return results
 
 
@@ -139,121 +133,26 @@ def print_table(report: dict) -> None:
     print(f"wall time {report['wall_seconds']:.1f}s · peak RSS {report['peak_rss_mb']:.0f} MiB")
 
 
-def _apply(model, tok, plan, args):
-    """Quantize ``model`` by a Scheme or a Recipe (calibrating when needed)."""
-    from qdoctor.calib.collect import calibrate
-    from qdoctor.quant.apply import quantize
-
-    if hasattr(plan, "apply"):  # a Recipe
-        return plan.apply(model, tok, progress=False)
-    stats = calibrate(model, tok, calib_config(args)) if plan.needs_calibration else None
-    return quantize(model, plan, calibration=stats, progress=False)
-
-
-def run_recipes(args, plans) -> int:
-    """Perplexity of full precision vs each scheme or recipe (recipes smooth the model first)."""
-    from qdoctor.calib.text import text_source
-    from qdoctor.eval.perplexity import perplexity, token_windows
-    from qdoctor.models.registry import arch_for
-    from qdoctor.quant.apply import restore
-
-    t0 = time.perf_counter()
-    model, tok = load_model(args)
-    bos = tok.bos_token_id if arch_for(model).needs_bos else None
-    windows = token_windows(tok, text_source(args.text), args.seqlen, bos)
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    from qdoctor.api import SchemeResult
-
-    fp = perplexity(model, tok, windows=windows, limit=args.limit, desc="full precision")
-    results = [SchemeResult("full-precision", "unquantized", fp, seconds=fp.seconds)]
-    for plan in plans:
-        t1 = time.perf_counter()
-        res = _apply(model, tok, plan, args)
-        name = plan.scheme.name if hasattr(plan, "scheme") else plan.name
-        try:
-            ppl = perplexity(model, tok, windows=windows, limit=args.limit, desc=name)
-        finally:
-            restore(model)
-            model.load_state_dict(snapshot)
-        kept = sum(1 for ls in res.layers.values() if ls.keep)
-        results.append(SchemeResult(name, getattr(plan, "description", "") or "recipe", ppl,
-                                    quantized_layers=len(res.layers) - kept, kept_layers=kept,
-                                    seconds=time.perf_counter() - t1))
-    return finish(args, results, t0)
-
-
-def run_streamed(args, plans) -> int:
-    """``--stream``: perplexity of full precision, then of each scheme or recipe on a block-streamed
-    model, every block treated as it is read (``policy.streamed.treat_block``): one pass over the
-    checkpoint per row, never the whole model in memory."""
-    from qdoctor.api import SchemeResult, calibrate
-    from qdoctor.calib.text import text_source
-    from qdoctor.eval.perplexity import perplexity, token_windows
-    from qdoctor.models.registry import arch_for, get_blocks
-    from qdoctor.policy.streamed import check_streamable, treat_block
-    from qdoctor.quant.linear import QuantLinear
-
-    parts = [plan_parts(plan, args) for plan in plans]
-    for scheme, smoothing, _ in parts:
-        check_streamable(scheme, smoothing)  # before any block is read
-    t0 = time.perf_counter()
-    model, tok = load_model(args)
-    bos = tok.bos_token_id if arch_for(model).needs_bos else None
-    windows = token_windows(tok, text_source(args.text), args.seqlen, bos)
-    fp = perplexity(model, tok, windows=windows, limit=args.limit, desc="full precision")
-    results = [SchemeResult("full-precision", "unquantized", fp, seconds=fp.seconds)]
-    stats_for: dict = {}  # one calibration per distinct configuration
-    for plan, (scheme, smoothing, cfg) in zip(plans, parts):
-        t1 = time.perf_counter()
-        if cfg is not None and cfg not in stats_for:
-            say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (block-streamed) …")
-            stats_for[cfg] = calibrate(model, tok, cfg)
-        stats = stats_for.get(cfg)
-        counts = {"quantized": 0, "kept": 0}
-
-        def treat(i, block, scheme=scheme, smoothing=smoothing, stats=stats, counts=counts):
-            treat_block(model, i, block, scheme, smoothing, stats)
-            for m in block.modules():
-                if isinstance(m, QuantLinear):
-                    counts["kept" if m.scheme.keep else "quantized"] += 1
-
-        ppl = perplexity(model, tok, windows=windows, limit=args.limit, desc=scheme.name, block_transform=treat)
-        blocks = len(get_blocks(model))
-        say(f"{scheme.name}: {ppl.ppl:.4f} ({counts['quantized']} layers quantized, {counts['kept']} kept over "
-            f"{blocks} blocks)")
-        results.append(SchemeResult(scheme.name, getattr(plan, "description", "") or "recipe", ppl,
-                                    quantized_layers=counts["quantized"], kept_layers=counts["kept"],
-                                    seconds=time.perf_counter() - t1))
-    return finish(args, results, t0)
-
-
 def run_tasks(args, plans) -> int:
     """Zero-shot accuracy: full precision vs each scheme/recipe, with the delta and its standard error
     (√(se_fp² + se_q²), treating the two runs as independent: conservative for paired items)."""
     import math
 
-    from qdoctor.eval.zeroshot import DEFAULT_TASKS, evaluate
-    from qdoctor.quant.apply import restore
+    from qdoctor.eval.zeroshot import DEFAULT_TASKS, evaluate, get_task
+    from qdoctor.policy.recipe import Recipe
 
     tasks = list(DEFAULT_TASKS) if args.tasks.strip() == "all" else split_list(args.tasks)
-    from qdoctor.eval.zeroshot import get_task
-
     for t in tasks:
         get_task(t)  # validate names before loading the model
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     kw = dict(tasks=tasks, limit=args.task_limit, subsample=args.subsample, seed=args.task_seed,
               data_dir=args.task_data)
     runs = {"full-precision": evaluate(model, tok, **kw)}
     for plan in plans:
-        name = plan.scheme.name if hasattr(plan, "scheme") else plan.name
-        _apply(model, tok, plan, args)
-        try:
-            runs[name] = evaluate(model, tok, **kw)
-        finally:
-            restore(model)
-            model.load_state_dict(snapshot)
+        recipe = Recipe.of(plan, calib_config(args))
+        with recipe.applied(model, tok):
+            runs[recipe.name] = evaluate(model, tok, **kw)
     rows = []
     fp = runs["full-precision"]
     for name, res in runs.items():

@@ -10,7 +10,6 @@ from qdoctor.cli.common import (
     add_stream_arg,
     calib_config,
     load_model,
-    plan_parts,
     positive_int,
     require_parent,
     say,
@@ -45,37 +44,40 @@ def register(sub) -> None:
                         "both in the model card (default: no measurement)")
     p.add_argument("--ppl-seqlen", type=positive_int, default=2048, help="perplexity window (default 2048)")
     p.add_argument("--max-shard-size", default="2GB",
-                   help="safetensors shard size (default 2GB; with --stream: one shard per decoder block)")
+                   help="safetensors shard size (default 2GB), or 'block': one shard per decoder block")
     add_calib_args(p)
     p.add_argument("--json", default=None, help="write the export report as JSON to this file")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from qdoctor.export import export_checkpoint
     from qdoctor.export.staging import check_out_dir
+    from qdoctor.policy.recipe import Recipe
 
     check_out_dir(args.out, args.overwrite)  # before minutes of work
     require_parent(args.json)
     plan = _read_plan(args)
+    recipe = Recipe.of(plan, calib_config(args))
     card = _read_card(args.card) if args.card else {}
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    if args.stream:
-        report = _export_streamed(model, tok, plan, card, args)
-    else:
-        ppl = {}
-        if args.ppl_windows:
-            ppl["full_precision"] = _ppl(model, tok, args, "full precision")
-        result, calib_note = _quantize(model, tok, plan, args)
-        if args.ppl_windows:
-            ppl[result.scheme.name] = _ppl(model, tok, args, result.scheme.name)
-            ppl.update(_ppl_setup(args))
-        card = _merge_card(card, plan, ppl, calib_note)
-        from qdoctor.export import export_checkpoint
-
-        say(f"exporting to {args.out} …")
-        report = export_checkpoint(model, tok, args.out, overwrite=args.overwrite, card=card, dtype=args.save_dtype,
-                                   require_vllm=args.require_vllm, max_shard_size=args.max_shard_size)
+    stats, note = None, None
+    if recipe.needs_calibration:
+        cfg = recipe.calibration_config()
+        say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} …")
+        stats = recipe.statistics(model, tok)
+        note = f"{cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (seed {cfg.seed})"
+    ppl = {}
+    if args.ppl_windows:
+        ppl["full_precision"] = _ppl(model, tok, args, "full precision")
+        ppl[recipe.name] = _ppl(model, tok, args, recipe.name, recipe=recipe, stats=stats)
+        ppl.update(_ppl_setup(args))
+    card = _merge_card(card, plan, ppl, note)
+    say(f"exporting to {args.out}, one decoder block at a time …")
+    report = export_checkpoint(model, tok, args.out, recipe=recipe, stats=stats, overwrite=args.overwrite, card=card,
+                               dtype=args.save_dtype, require_vllm=args.require_vllm,
+                               max_shard_size=None if args.max_shard_size == "block" else args.max_shard_size)
     for line in report.summary_lines():
         print(line)
     if args.json:
@@ -104,61 +106,25 @@ def _read_plan(args):
     return get_scheme(args.scheme)
 
 
-def _quantize(model, tok, plan, args):
-    from qdoctor.api import calibrate, quantize
-    from qdoctor.quant.spec import Scheme
+def _ppl(model, tok, args, label: str, recipe=None, stats=None) -> float:
+    from qdoctor.eval.perplexity import perplexity
 
-    if not isinstance(plan, Scheme):  # a recipe: calibrate, smooth, quantize as it says
-        say(f"applying recipe {args.recipe} …")
-        c = plan.calibration
-        note = (f"{c.n_samples} × {c.seqlen} tokens of {c.source} (seed {c.seed})"
-                if plan.needs_calibration else None)
-        return plan.apply(model, tok), note
-    stats, note = None, None
-    if plan.needs_calibration:
-        cfg = calib_config(args)
-        say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} …")
-        stats = calibrate(model, tok, cfg)
-        note = f"{cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (seed {cfg.seed})"
-    return quantize(model, plan, calibration=stats), note
-
-
-def _export_streamed(model, tok, plan, card: dict, args):
-    """``--stream``: calibrate (streamed), measure perplexity with each block treated as it is
-    read, then treat and write the checkpoint one block at a time (``export.streamed``)."""
-    from qdoctor.api import calibrate
-    from qdoctor.export import export_streamed
-    from qdoctor.policy.streamed import check_streamable, treat_block
-
-    scheme, smoothing, cfg = plan_parts(plan, args)
-    check_streamable(scheme, smoothing)  # before any block is read
-    stats, note = None, None
-    if cfg is not None:
-        say(f"calibrating on {cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (block-streamed) …")
-        stats = calibrate(model, tok, cfg)
-        note = f"{cfg.n_samples} × {cfg.seqlen} tokens of {cfg.source} (seed {cfg.seed})"
-    ppl = {}
-    if args.ppl_windows:
-        ppl["full_precision"] = _ppl(model, tok, args, "full precision")
-
-        def treat(i, block):
-            treat_block(model, i, block, scheme, smoothing, stats)
-
-        ppl[scheme.name] = _ppl(model, tok, args, scheme.name, block_transform=treat)
-        ppl.update(_ppl_setup(args))
-    card = _merge_card(card, plan, ppl, note)
-    say(f"exporting to {args.out}, one block at a time …")
-    return export_streamed(model, tok, args.out, scheme, stats, smoothing, overwrite=args.overwrite, card=card,
-                           dtype=args.save_dtype, require_vllm=args.require_vllm)
-
-
-def _ppl(model, tok, args, label: str, block_transform=None) -> float:
-    from qdoctor.api import perplexity
-
-    r = perplexity(model, tok, seqlen=args.ppl_seqlen, limit=args.ppl_windows, desc=f"perplexity ({label})",
-                   block_transform=block_transform)
+    windows = _windows(model, tok, args)
+    if recipe is None:
+        r = perplexity(model, tok, windows=windows, desc=f"perplexity ({label})")
+    else:
+        r = recipe.perplexity(model, tok, windows, stats, desc=f"perplexity ({label})", progress=True)[0]
     say(f"perplexity ({label}): {r.ppl:.4f} on {r.n_windows} × {r.seqlen} tokens")
     return r.ppl
+
+
+def _windows(model, tok, args):
+    from qdoctor.calib.text import text_source
+    from qdoctor.eval.perplexity import token_windows
+    from qdoctor.models.registry import bos_token_id
+
+    return token_windows(tok, text_source("wikitext2:test"), args.ppl_seqlen,
+                         bos_token_id(model, tok))[: args.ppl_windows]
 
 
 def _ppl_setup(args) -> dict:

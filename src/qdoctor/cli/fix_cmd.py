@@ -83,6 +83,9 @@ def register(sub) -> None:
     p.add_argument("--sample-rows", type=positive_int, default=512,
                    help="calibration token rows kept per layer for output errors and median ranges (default 512)")
     add_calib_args(p)
+    p.add_argument("--scan", default=None,
+                   help="start from a saved scan (`qdoctor scan --json scan.json --for-fix`): its findings and "
+                        "calibration statistics replace the fix's own calibration pass; its settings must match")
     p.add_argument("--recipe-out", default=None, help="write the plan as a recipe (YAML, or JSON by extension)")
     p.add_argument("--json", default=None, help="write the search and the verification as JSON")
     p.set_defaults(func=run)
@@ -91,7 +94,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from qdoctor.calib.collect import CalibrationConfig
     from qdoctor.policy.metric import parse_metric
-    from qdoctor.policy.search import FixConfig, resolve_target, search
+    from qdoctor.policy.search import FixConfig, Searcher, resolve_target, search
 
     spec = parse_metric(args.metric)
     if spec.name == "ppl":
@@ -120,18 +123,16 @@ def run(args) -> int:
 
         for task in spec.tasks:
             find_task_file(task, args.task_data)
+    saved = load_scan(args.scan, cfg) if args.scan else None  # a mismatch fails before the model is loaded
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    say("searching (calibration, evidence, candidate plans on " +
+    say(("searching (the saved scan's statistics and evidence" if saved else "searching (scan: calibration and "
+         "evidence") + ", then candidate plans on " +
         ("held-out text" if spec.name == "ppl" else f"{len(spec.tasks)} task(s)") + ") …")
-    searcher = None
-    if args.stream:
-        from qdoctor.policy.streamed import StreamedSearcher
-
-        searcher = StreamedSearcher(model, tok, cfg)
+    searcher = Searcher(model, tok, cfg, scan=saved)
     result = search(model, tok, cfg, searcher=searcher)
     print_trials(result)
-    verification = verify(model, tok, result, args, searcher)
+    verification = verify(searcher, result, args)
     report = result.to_dict()
     report.update({"model": args.model, "verification": verification, "recipe": result.recipe.to_dict(),
                    "wall_seconds": round(time.perf_counter() - t0, 1)})
@@ -162,37 +163,39 @@ def run(args) -> int:
     return 0 if result.met else 3
 
 
-def verify(model, tok, result, args, searcher=None) -> dict:
-    """FP, naive and planned perplexity on the WikiText-2 test split (``--limit`` windows).
-    With a block-streamed ``searcher`` the plans are scored through it (one streamed pass each)."""
+def load_scan(path: str, cfg) -> tuple:
+    """(ScanReport, CalibrationStats) of a scan saved with ``--for-fix``, checked against ``cfg``.
+    The statistics file is looked up beside the JSON by its bare name (never a path from the file)."""
+    from pathlib import Path
+
+    from qdoctor.calib.collect import CalibrationStats
+    from qdoctor.policy.search import check_scan_matches
+    from qdoctor.report.json import read_json
+
+    report = read_json(path)
+    name = report.statistics
+    if not name:
+        raise QDoctorError(f"{path}: the scan saved no calibration statistics; re-run it with --for-fix")
+    if Path(name).name != name:
+        raise QDoctorError(f"{path}: bad statistics file name {name!r} (a bare file name beside the JSON)")
+    stats = CalibrationStats.load(str(Path(path).parent / name))
+    return check_scan_matches((report, stats), cfg)
+
+
+def verify(searcher, result, args) -> dict:
+    """FP, naive and planned perplexity on the WikiText-2 test split (``--limit`` windows), each
+    plan scored by the searcher (one pass of the windows through the block pipeline)."""
     from qdoctor.calib.text import text_source
-    from qdoctor.eval.perplexity import perplexity, token_windows
-    from qdoctor.models.lazy import is_lazy
-    from qdoctor.models.registry import arch_for
-    from qdoctor.policy.recipe import Recipe
-    from qdoctor.quant.apply import restore
+    from qdoctor.eval.perplexity import token_windows
+    from qdoctor.models.registry import bos_token_id
+    from qdoctor.policy.search import Plan
 
-    bos = tok.bos_token_id if arch_for(model).needs_bos else None
-    windows = token_windows(tok, text_source("wikitext2:test"), args.seqlen, bos)[: args.limit]
+    model, tok = searcher.model, searcher.tok
+    windows = token_windows(tok, text_source("wikitext2:test"), args.seqlen, bos_token_id(model, tok))[: args.limit]
     out = {"split": "wikitext2:test", "windows": int(windows.shape[0]), "seqlen": args.seqlen}
-    out["fp_ppl"] = perplexity(model, tok, windows=windows, desc="verify: full precision").ppl
-    from qdoctor.policy.search import Plan, resolve_target
-
-    if searcher is not None and is_lazy(model):
-        out["naive_ppl"] = searcher.evaluate(Plan(), windows=windows).ppl
-        out["planned_ppl"] = searcher.evaluate(result.best.plan, windows=windows).ppl
-        out["naive_delta_pct"] = 100 * (out["naive_ppl"] / out["fp_ppl"] - 1)
-        out["planned_delta_pct"] = 100 * (out["planned_ppl"] / out["fp_ppl"] - 1)
-        return out
-    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    naive = Recipe(scheme=resolve_target(result.config.target), calibration=result.recipe.calibration)
-    for key, recipe in (("naive_ppl", naive), ("planned_ppl", result.recipe)):
-        recipe.apply(model, tok, progress=False)
-        try:
-            out[key] = perplexity(model, tok, windows=windows, desc=f"verify: {key[:-4]}").ppl
-        finally:
-            restore(model)
-            model.load_state_dict(snapshot)
+    out["fp_ppl"] = searcher.fp_ppl_of(windows)
+    out["naive_ppl"] = searcher.evaluate(Plan(), windows=windows).ppl
+    out["planned_ppl"] = searcher.evaluate(result.best.plan, windows=windows).ppl
     out["naive_delta_pct"] = 100 * (out["naive_ppl"] / out["fp_ppl"] - 1)
     out["planned_delta_pct"] = 100 * (out["planned_ppl"] / out["fp_ppl"] - 1)
     return out

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 
-from qdoctor.cli.common import add_model_args, add_ppl_args, load_model, require_parent, say
+from qdoctor.cli.common import add_model_args, add_ppl_args, add_stream_arg, load_model, require_parent, say
 
 
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="apply a recipe (from `qdoctor fix`) and measure perplexity")
     add_model_args(p)
+    add_stream_arg(p)
     p.add_argument("--recipe", required=True, help="recipe file (YAML or JSON)")
     add_ppl_args(p, limit=4)
     p.add_argument("--json", default=None, help="write the results as JSON")
@@ -19,20 +20,18 @@ def register(sub) -> None:
 def run(args) -> int:
     from qdoctor.calib.text import text_source
     from qdoctor.eval.perplexity import perplexity, token_windows
-    from qdoctor.models.registry import arch_for
+    from qdoctor.models.registry import bos_token_id
     from qdoctor.policy.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     require_parent(args.json)
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    bos = tok.bos_token_id if arch_for(model).needs_bos else None
-    windows = token_windows(tok, text_source(args.text), args.seqlen, bos)
+    windows = token_windows(tok, text_source(args.text), args.seqlen, bos_token_id(model, tok))
     fp = perplexity(model, tok, windows=windows, limit=args.limit, desc="full precision")
-    res = recipe.apply(model, tok)
-    q = perplexity(model, tok, windows=windows, limit=args.limit, desc="recipe")
+    q, res = recipe.perplexity(model, tok, windows, desc="recipe", progress=True, limit=args.limit)
     delta = 100 * (q.ppl / fp.ppl - 1)
-    kept = sum(1 for ls in res.layers.values() if ls.keep)
+    kept = res.kept
     print(f"{recipe.scheme.name}: PPL {q.ppl:.3f} vs full precision {fp.ppl:.3f} ({delta:+.2f}%) on "
           f"{q.n_windows} × {q.seqlen} tokens; {len(res.layers) - kept} layers quantized, {kept} kept")
     if args.json:

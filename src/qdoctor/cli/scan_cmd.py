@@ -6,6 +6,7 @@ import time
 
 from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, calib_config, environment, load_model, \
     positive_int, require_parent, say
+from qdoctor.errors import QDoctorError
 
 
 def register(sub) -> None:
@@ -43,8 +44,23 @@ def register(sub) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch threads for the block forwards (default: torch's choice); the per-layer "
                         "statistics always use one (see docs/scan.md)")
+    p.add_argument("--for-fix", action="store_true",
+                   help="calibrate as `qdoctor fix` does (the last 20%% of the calibration text held out, "
+                        "--sample-rows rows kept per input) and save the statistics beside --json, so that "
+                        "`qdoctor fix --scan JSON` skips its own calibration")
+    p.add_argument("--sample-rows", type=positive_int, default=512,
+                   help="with --for-fix: calibration rows kept per input (default 512, as `qdoctor fix`)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def statistics_path(json_path: str) -> str:
+    """Where the statistics of a scan saved as ``json_path`` go: ``<json stem>.stats.safetensors``
+    beside it."""
+    from pathlib import Path
+
+    p = Path(json_path)
+    return str(p.with_name(p.stem + ".stats.safetensors"))
 
 
 def scan_config(args):
@@ -61,7 +77,16 @@ def scan_config(args):
     kwargs = {}
     if args.spike_factor is not None:
         kwargs["spike_factor"] = args.spike_factor
-    return ScanConfig(calibration=calib_config(args), thresholds=thresholds, group_size=args.group_size,
+    cal = calib_config(args)
+    if args.for_fix:
+        from dataclasses import replace
+
+        from qdoctor.policy.search import FixConfig
+
+        if not args.json:
+            raise QDoctorError("--for-fix saves the statistics beside the report: give --json")
+        cal = replace(cal, sample_rows=args.sample_rows, holdout_fraction=FixConfig().calibration.holdout_fraction)
+    return ScanConfig(calibration=cal, thresholds=thresholds, group_size=args.group_size,
                       error_tokens=args.error_tokens, sensitivity=args.sensitivity,
                       sensitivity_scheme=args.sensitivity_scheme, sensitivity_windows=args.sensitivity_windows,
                       sensitivity_seqlen=args.sensitivity_seqlen, progress=not args.quiet, **kwargs)
@@ -72,7 +97,7 @@ def run(args) -> int:
     from qdoctor.report.html import write_html
     from qdoctor.report.json import write_json
     from qdoctor.report.markdown import render_markdown
-    from qdoctor.scan.run import scan
+    from qdoctor.scan.run import scan_with_stats
 
     config = scan_config(args)
     for path in (args.json, args.html, args.markdown):
@@ -85,13 +110,19 @@ def run(args) -> int:
     model, tok = load_model(args)
     say(f"scanning {args.model}: {config.calibration.n_samples} × {config.calibration.seqlen} calibration tokens, "
         "one block at a time …")
-    report = scan(model, tok, config)
+    report, stats = scan_with_stats(model, tok, config)
     report.timing["wall_seconds"] = round(time.perf_counter() - t0, 1)
     report.timing["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report.environment = environment()
     md = render_markdown(report)
     print(md)
     if args.json:
+        if args.for_fix:
+            from pathlib import Path
+
+            stats.save(statistics_path(args.json))
+            report.statistics = Path(statistics_path(args.json)).name
+            say(f"wrote {statistics_path(args.json)} (calibration statistics for `qdoctor fix --scan {args.json}`)")
         write_json(report, args.json)
         say(f"wrote {args.json}")
     if args.html:

@@ -18,11 +18,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from qdoctor.calib.text import text_source
+from qdoctor.calib.windows import consecutive_windows, window_body
 from qdoctor.errors import QDoctorError
-from qdoctor.models.lazy import is_lazy
+from qdoctor.models.lazy import final_logits
+from qdoctor.models.registry import bos_token_id
+from qdoctor.models.streaming import stream_blocks
 from qdoctor.quant.fake import ROW_BLOCK_ELEMS, row_slices
 
 
@@ -41,21 +43,12 @@ class PerplexityResult:
 
 
 def token_windows(tokenizer, text: str, seqlen: int, bos_id: int | None = None) -> torch.Tensor:
-    """(W, seqlen) non-overlapping windows of the tokenized text."""
-    if seqlen < 2:
-        raise QDoctorError(f"seqlen must be at least 2, got {seqlen}")
+    """(W, seqlen) non-overlapping windows of the tokenized text (``calib.windows``)."""
+    window_body(seqlen, bos_id)  # a bad seqlen fails before the text is tokenized
     if not text or not text.strip():
         raise QDoctorError("the evaluation text is empty")
     ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
-    body = seqlen - (1 if bos_id is not None else 0)
-    n = ids.numel() // body
-    if n == 0:
-        raise QDoctorError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
-                           "use a smaller --seqlen or a longer text")
-    rows = ids[: n * body].view(n, body)
-    if bos_id is not None:
-        rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), rows], dim=1)
-    return rows
+    return consecutive_windows(ids, seqlen, bos_id)
 
 
 @torch.no_grad()
@@ -66,38 +59,21 @@ def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitex
     """Perplexity of ``model`` over the first ``limit`` windows (all when None).
 
     ``windows`` (W, L) may be passed to reuse one tokenization across several models.
-    ``block_transform(i, block)``, for a block-streamed model only, changes each block as it is
-    read (e.g. quantizes it): the perplexity of the treated model without holding it."""
-    from qdoctor.models.registry import arch_for
-
+    The windows run through the block pipeline (``models.streaming``), all of them through
+    block i before block i + 1, then the final norm and LM head one batch at a time.
+    ``block_transform(i, block)`` treats each block as it is opened (e.g. quantizes it) and
+    the treatment is undone when the block is closed: the perplexity of the treated model,
+    for a model in memory and a block-streamed one alike, without keeping it treated."""
     if windows is None:
-        arch = arch_for(model)
-        bos = tokenizer.bos_token_id if arch.needs_bos else None
-        windows = token_windows(tokenizer, text if text is not None else text_source(source), seqlen, bos)
+        windows = token_windows(tokenizer, text if text is not None else text_source(source), seqlen,
+                                bos_token_id(model, tokenizer))
     total = windows.shape[0]
     if limit is not None:
         if limit < 1:
             raise QDoctorError(f"--limit must be at least 1, got {limit}")
         windows = windows[:limit]
-    device = next(model.parameters()).device
-    nll_sum, count = 0.0, 0
     t0 = time.perf_counter()
-    if block_transform is not None and not is_lazy(model):
-        raise QDoctorError("block_transform needs a block-streamed model (qdoctor.load(..., stream=True))")
-    if is_lazy(model):
-        nll_sum, count = _streamed_nll(model, windows, batch_size, progress, desc, block_transform=block_transform)
-        nll = nll_sum / count
-        return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, n_windows=int(windows.shape[0]),
-                                total_windows=int(total), seqlen=int(windows.shape[1]),
-                                seconds=time.perf_counter() - t0)
-    bar = tqdm(range(0, windows.shape[0], batch_size), desc=desc, unit="win", disable=not progress, leave=False)
-    for i in bar:
-        batch = windows[i:i + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1].float()
-        target = batch[:, 1:]
-        nll_sum += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"))
-        count += target.numel()
-        bar.set_postfix(ppl=f"{math.exp(nll_sum / count):.3f}")
+    nll_sum, count = window_nll(model, windows, batch_size, progress, desc, block_transform=block_transform)
     nll = nll_sum / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=count, n_windows=int(windows.shape[0]),
                             total_windows=int(total), seqlen=int(windows.shape[1]),
@@ -105,13 +81,11 @@ def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitex
 
 
 @torch.no_grad()
-def _streamed_nll(model, windows: torch.Tensor, batch_size: int, progress: bool, desc: str,
-                  block_transform=None) -> tuple[float, int]:
-    """(Σ NLL, token count) of a lazy model: every window goes through block i before block i+1
-    is read (``models.streaming``), then the final norm and LM head run one batch at a time.
-    ``block_transform(i, block)`` may change block i (e.g. quantize it) before it runs."""
-    from qdoctor.models.lazy import final_logits
-    from qdoctor.models.streaming import stream_blocks
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, desc: str = "perplexity",
+               block_transform=None) -> tuple[float, int]:
+    """(Σ NLL, predicted-token count) of ``windows``: the blocks through the pipeline, then the
+    final norm and LM head per batch, ``_HEAD_CHUNK_ELEMS`` fp32 logits at a time.
+    ``block_transform(i, block)`` treats block i for this pass only (see ``perplexity``)."""
 
     def on_block(i, block, inputs):
         if block_transform is not None:
@@ -119,7 +93,7 @@ def _streamed_nll(model, windows: torch.Tensor, batch_size: int, progress: bool,
         return None
 
     hidden = stream_blocks(model, windows, on_block, batch_size=max(batch_size, 1), progress=progress, desc=desc,
-                           final_outputs=True)
+                           final_outputs=True, transient=block_transform is not None)
     nll_sum, count, start = 0.0, 0, 0
     vocab = model.get_output_embeddings().weight.shape[0]
     for h in hidden:
@@ -135,4 +109,4 @@ def _streamed_nll(model, windows: torch.Tensor, batch_size: int, progress: bool,
     return nll_sum, count
 
 
-_HEAD_CHUNK_ELEMS = ROW_BLOCK_ELEMS  # fp32 logits computed at once by the streamed evaluation
+_HEAD_CHUNK_ELEMS = ROW_BLOCK_ELEMS  # fp32 logits computed at once by the head

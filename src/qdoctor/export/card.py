@@ -22,6 +22,7 @@ import re
 from collections import OrderedDict
 
 from qdoctor.quant.granularity import granularity_to_str
+from qdoctor.text import index_ranges
 
 _INDEXED = re.compile(r"^(?P<prefix>.*?\.)(?P<idx>\d+)(?P<suffix>\..+)$")
 _PPL_META = ("windows", "seqlen", "text", "n_windows", "source")
@@ -121,22 +122,12 @@ def compact_names(names: list[str]) -> list[str]:
     by_idx: "OrderedDict[tuple[str, str, str], list[str]]" = OrderedDict()
     for (prefix, suffix), idx in by_suffix.items():
         parent, _, leaf = suffix.rpartition(".")
-        by_idx.setdefault((prefix, _ranges(idx), parent), []).append(leaf)
+        by_idx.setdefault((prefix, index_ranges(idx), parent), []).append(leaf)
     out = []
     for (prefix, idx, parent), leaves in by_idx.items():
         tail = parent + "." + (leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}")
         out.append(f"{prefix}[{idx}]{tail}" if "," in idx or "-" in idx else f"{prefix}{idx}{tail}")
     return out + plain
-
-
-def _ranges(idx: list[int]) -> str:
-    idx = sorted(set(idx))
-    parts, start = [], idx[0]
-    for prev, cur in zip(idx, idx[1:] + [None]):
-        if cur is None or cur != prev + 1:
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-            start = cur
-    return ",".join(parts)
 
 
 def _spec(spec, weights: bool) -> str:

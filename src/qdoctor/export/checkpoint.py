@@ -1,21 +1,26 @@
-"""``export_checkpoint``: save a model quantized by ``qdoctor.quantize`` as a compressed-tensors
-checkpoint — safetensors shards + ``config.json`` with a ``quantization_config`` — that
+"""``export_checkpoint``: a model and its plan → a compressed-tensors checkpoint — safetensors
+shards + ``config.json`` with a ``quantization_config`` — that
 ``transformers.AutoModelForCausalLM.from_pretrained`` and vLLM load.
 
-The steps are llm-compressor's save path, without llm-compressor:
+One path, block by block, whatever the model's residency (``models.streaming``):
 
-1. read the plan off the model: each ``QuantLinear``'s ``LayerScheme``, each untouched
-   ``nn.Linear`` (``ctconfig.plan_export`` groups them into config groups);
-2. rebuild the model class from its config on the meta device and load the model's state
-   dict into it — tensors are shared, not copied (a GGUF-loaded model cannot
-   ``save_pretrained`` itself);
-3. per quantized layer, give ``{weight, weight_scale[, input_scale]}`` (qdoctor's own fp32
-   scales) to the compressed-tensors compressor of the group's format
-   (``BaseCompressor.compress``: int8/fp8 codes, or int8 packed into int32 for weight-only
-   INT8) and check that decompressing returns qdoctor's dequantized weight ŵ bit for bit;
-4. ``save_pretrained`` into a staging directory, ``ModelCompressor.update_config`` adds the
-   ``quantization_config``; tokenizer, generation config, model card; rename into place.
+1. plan: every linear-like layer's ``LayerScheme`` — read off a model already quantized by
+   ``qdoctor.quantize`` (its ``QuantLinear``s), or resolved from the recipe's scheme without
+   touching a weight (``planned_layers``); ``ctconfig.plan_export`` groups them into config
+   groups and every refusal happens here, before anything is written;
+2. per decoder block (opened by the pipeline; treated by the recipe when one is given, and
+   put back afterwards): each quantized layer's ``{weight, weight_scale[, input_scale]}``
+   (qdoctor's own fp32 scales) goes through the compressed-tensors compressor of its group's
+   format (``BaseCompressor.compress``: int8/fp8 codes, or int8 packed into int32 for
+   weight-only INT8), checked to decompress to qdoctor's ŵ bit for bit; kept layers in their
+   kept dtype; norms in the checkpoint dtype; transformers' own save-time renaming
+   (``revert_weight_conversion``) applied; the shard writer flushes at ``max_shard_size``;
+3. the tensors outside the blocks (embeddings, final norm, LM head) the same way, a tied alias
+   stored once; then config.json (``ModelCompressor.update_config`` adds the
+   ``quantization_config``), generation config, tokenizer, model card, report — all in a
+   staging directory renamed into place at the end.
 
+Memory: one block plus the resident non-block tensors and at most one shard in flight.
 Dtypes: scales are stored in fp32 (qdoctor computes them in fp32; vLLM reads them in fp32).
 Kept layers are stored in their kept dtype (bf16/fp16/fp32); every other unquantized tensor
 (embeddings, norms, ``lm_head``, biases) in the checkpoint dtype — by default the model's.
@@ -26,6 +31,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -37,7 +43,12 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from qdoctor.errors import QDoctorError
+from qdoctor.export.card import render_card
 from qdoctor.export.ctconfig import ExportPlan, dtype_name, plan_export, resolve_dtype
+from qdoctor.export.staging import check_out_dir, staged_dir
+from qdoctor.models.registry import arch_for, get_blocks
+from qdoctor.models.streaming import materialized
+from qdoctor.quant.apply import layer_scheme_for, restore
 from qdoctor.quant.granularity import PerGroup
 from qdoctor.quant.linear import KEEP_TORCH_DTYPE, QuantLinear
 from qdoctor.quant.spec import LayerScheme
@@ -84,32 +95,98 @@ class ExportReport:
         return lines
 
 
-def export_checkpoint(model, tokenizer, out_dir, *, overwrite: bool = False, card: dict | None = None,
-                      dtype: "str | torch.dtype | None" = None, require_vllm: bool = False,
-                      max_shard_size: "int | str" = "2GB", progress: bool = True) -> ExportReport:
-    """Write ``model`` (quantized in place by ``qdoctor.quantize``) to ``out_dir``.
+def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, overwrite: bool = False,
+                      card: dict | None = None, dtype: "str | torch.dtype | None" = None, require_vllm: bool = False,
+                      max_shard_size: "int | str | None" = "2GB", progress: bool = True) -> ExportReport:
+    """Write ``model`` with its plan to ``out_dir`` (see the module docstring).
 
+    recipe: a ``policy.recipe.Recipe`` (or anything with ``scheme``, ``apply_block`` and
+        ``apply_rest``) applied block by block as the checkpoint is written — needed for a
+        block-streamed model; a model in memory is left as it was. None: ``model`` is already
+        quantized by ``qdoctor.quantize`` and is written as it is.
+    stats: the recipe's ``CalibrationStats`` (static activation scales, smoothing).
     tokenizer: saved beside the weights (None: no tokenizer files).
     overwrite: replace an existing checkpoint directory (refused otherwise).
     card: evidence and measured numbers for the model card (``export.card``); printed as given.
     dtype: checkpoint dtype of unquantized tensors (fp32/bf16/fp16; default: the model's).
     require_vllm: refuse plans that vLLM has no kernel for (per-group INT8 W8A8, …).
-    max_shard_size: safetensors shard size, as ``save_pretrained`` takes it.
+    max_shard_size: safetensors shard size, as ``save_pretrained`` takes it; None: one shard per
+        decoder block plus one for the rest.
 
     Raises ``QDoctorError`` — before anything is written — for an existing ``out_dir``, an
-    unwritable parent, a model that is not quantized, or a plan the format cannot express.
+    unwritable parent, a model that is not quantized (and no recipe), a plan that needs
+    statistics it was not given, or a plan the format cannot express.
     """
-    from qdoctor.export.staging import check_out_dir, staged_dir
-
     t0 = time.perf_counter()
     check_out_dir(out_dir, overwrite)
-    plan = plan_for_model(model, dtype)
+    shard_size_bytes(max_shard_size)  # a bad size fails now
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise QDoctorError("export needs a transformers model (with .config and save_pretrained)")
+    layers = planned_layers(model, recipe.scheme if recipe is not None else None)
+    if not any(ls is not None for ls in layers.values()):
+        if recipe is None:
+            raise QDoctorError("model is not quantized: call qdoctor.quantize(model, scheme) before exporting, "
+                               "or pass recipe=")
+        raise QDoctorError(f"scheme {recipe.scheme.name!r} quantizes no layer of this model")
+    if recipe is not None and stats is None and (
+            recipe.smoothing or any(ls is not None and ls.needs_calibration for ls in layers.values())):
+        raise QDoctorError("this plan uses calibration statistics (static activation scales or smoothing): "
+                           "calibrate first (qdoctor.calibrate) and pass stats=")
+    plan = plan_for_layers(model, layers, _model_dtype(model), dtype)
     require_vllm_servable(plan, require_vllm)
+    config = copy.deepcopy(model.config)
+    config.dtype = plan.dtype
+    _untie_quantized(model, config, layers, plan)
+    with torch.device("meta"), _quiet("transformers"):
+        check_targets(type(model)(config), plan)  # before any block is read
+    group_of = plan.group_of()
+    prefix = arch_for(model).blocks + "."
+    qstats = recipe.quantization_stats(model, tokenizer, stats) if recipe is not None else None
     with staged_dir(out_dir, overwrite) as tmp:
-        skeleton = build_compressed_model(model, plan, progress=progress)
-        _save(skeleton, plan, tokenizer, tmp, max_shard_size)
+        writer = ShardWriter(tmp, max_shard_size)
+        for i in tqdm(range(len(get_blocks(model))), desc="exporting", unit="block", disable=not progress,
+                      leave=False):
+            with materialized(model, i, transient=recipe is not None) as block:
+                if recipe is not None:
+                    recipe.apply_block(model, i, block, stats, qstats)
+                writer.add(_saved_names(model, module_tensors(block, f"{prefix}{i}.", group_of, plan.dtype)))
+            if max_shard_size is None:
+                writer.flush()
+        head = recipe.apply_rest(model, stats) if recipe is not None else None
+        try:
+            writer.add(_saved_names(model, rest_tensors(model, prefix, group_of, plan.dtype)))
+        finally:
+            if head is not None:
+                restore(model)
+        writer.close()
+        config.save_pretrained(tmp)
+        _compressor(plan).update_config(str(tmp))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         report = write_report(model, plan, tmp, out_dir, card, t0)
     return report
+
+
+def planned_layers(model: nn.Module, scheme=None) -> "OrderedDict[str, LayerScheme | None]":
+    """Every linear-like layer in module order → the ``LayerScheme`` it has (a ``QuantLinear``)
+    or, with ``scheme``, will have (``quant.apply.layer_scheme_for``; None: left as is) — read
+    off the module tree without any weight (a lazy model's blocks are on ``meta``).
+
+    Linear-like = ``nn.Linear``, ``QuantLinear``, and modules vLLM builds as linear layers
+    (MoE routers/gates; compressed-tensors' ``get_vllm_module_type``)."""
+    from compressed_tensors.quantization.quant_config import get_vllm_module_type
+
+    out: "OrderedDict[str, LayerScheme | None]" = OrderedDict()
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out[name] = m.scheme
+        elif isinstance(m, nn.Linear):
+            out[name] = layer_scheme_for(scheme, name, m.weight.dtype) if scheme is not None else None
+        elif name and get_vllm_module_type(type(m).__name__) == "Linear" and getattr(m, "weight", None) is not None:
+            out[name] = None
+    return out
 
 
 def require_vllm_servable(plan: ExportPlan, require_vllm: bool) -> list[str]:
@@ -124,8 +201,6 @@ def require_vllm_servable(plan: ExportPlan, require_vllm: bool) -> list[str]:
 def write_report(model, plan: ExportPlan, tmp: Path, out_dir, card: dict | None, t0: float) -> ExportReport:
     """The export report of the checkpoint staged in ``tmp``; writes the model card (README.md)
     and the provenance file beside the weights."""
-    from qdoctor.export.card import render_card
-
     report = ExportReport(
         out_dir=str(Path(out_dir).expanduser()), format=str(plan.config.format),
         checkpoint_dtype=dtype_name(plan.dtype), groups=[g.to_dict() for g in plan.groups],
@@ -143,33 +218,6 @@ def write_report(model, plan: ExportPlan, tmp: Path, out_dir, card: dict | None,
     report.files[REPORT_FILE] = (tmp / REPORT_FILE).stat().st_size
     report.total_bytes = sum(report.files.values())
     return report
-
-
-def layer_plan(model: nn.Module) -> "OrderedDict[str, LayerScheme | None]":
-    """Every linear-like layer in module order → its applied ``LayerScheme`` (None: untouched).
-
-    Linear-like = ``nn.Linear``, ``QuantLinear``, and modules vLLM builds as linear layers
-    (MoE routers/gates; compressed-tensors' ``get_vllm_module_type``)."""
-    from compressed_tensors.quantization.quant_config import get_vllm_module_type
-
-    out: "OrderedDict[str, LayerScheme | None]" = OrderedDict()
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            out[name] = m.scheme
-        elif isinstance(m, nn.Linear) or (name and get_vllm_module_type(type(m).__name__) == "Linear"
-                                           and getattr(m, "weight", None) is not None):
-            out[name] = None
-    return out
-
-
-def plan_for_model(model: nn.Module, dtype=None) -> ExportPlan:
-    """The export plan of a quantized model (no I/O). Raises ``QDoctorError`` if unsupported."""
-    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
-        raise QDoctorError("export needs a transformers model (with .config and save_pretrained)")
-    layers = layer_plan(model)
-    if not any(ls is not None for ls in layers.values()):
-        raise QDoctorError("model is not quantized: call qdoctor.quantize(model, scheme) before exporting")
-    return plan_for_layers(model, layers, _model_dtype(model), dtype)
 
 
 def plan_for_layers(model: nn.Module, layers: "OrderedDict[str, LayerScheme | None]", model_dtype: torch.dtype,
@@ -255,45 +303,6 @@ def kept_layer_tensors(ql: QuantLinear) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_compressed_model(model: nn.Module, plan: ExportPlan, progress: bool = True) -> nn.Module:
-    """A fresh instance of the model's class holding the checkpoint tensors (meta-initialized,
-    tensors shared with ``model`` where unchanged)."""
-    from compressed_tensors.utils import replace_direct_state_dict
-
-    config = copy.deepcopy(model.config)
-    config.dtype = plan.dtype
-    cast: dict[int, torch.Tensor] = {}  # keeps tied tensors tied after the cast
-
-    def to_ckpt(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        key = id(t)
-        if key not in cast:
-            cast[key] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
-        return cast[key]
-
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and m.scheme.is_quantized}
-    replaced = {f"{n}.weight" for n in quantized}  # swapped for codes below: no cast needed
-    state = OrderedDict((k, v.detach() if k in replaced else to_ckpt(v, plan.dtype))
-                        for k, v in model.state_dict(keep_vars=True).items())
-    kept = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear) and not m.scheme.is_quantized}
-    for n, m in kept.items():
-        state.update({f"{n}.{k}": t for k, t in kept_layer_tensors(m).items()})
-    _untie_quantized(model, config, quantized, plan)
-    with torch.device("meta"), _quiet("transformers"):
-        skeleton = type(model)(config)
-    missing, unexpected = skeleton.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not _tied_key(skeleton, k)]
-    if missing or unexpected:
-        raise QDoctorError(f"cannot rebuild {type(model).__name__} from its config: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
-    if getattr(model, "generation_config", None) is not None:
-        skeleton.generation_config = copy.deepcopy(model.generation_config)
-    group_of = plan.group_of()
-    for n, ql in tqdm(quantized.items(), desc="compressing", unit="layer", leave=False, disable=not progress):
-        replace_direct_state_dict(skeleton.get_submodule(n), compress_layer(ql, group_of[n].ct_scheme, plan.dtype))
-    check_targets(skeleton, plan)
-    return skeleton.eval()
-
-
 def check_targets(skeleton: nn.Module, plan: ExportPlan) -> None:
     """Run compressed-tensors' own matcher on the rebuilt model: every quantized layer must
     resolve to its group, and nothing else may match any target."""
@@ -310,37 +319,129 @@ def check_targets(skeleton: nn.Module, plan: ExportPlan) -> None:
         raise RuntimeError(f"config targets do not select the planned layers (e.g. {wrong})")
 
 
-def _save(skeleton: nn.Module, plan: ExportPlan, tokenizer, out: Path, max_shard_size) -> None:
+def module_tensors(module: nn.Module, prefix: str, group_of: dict, dtype: torch.dtype,
+                   skip: str | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``module`` (a treated block, or the model itself with the blocks
+    under ``skip`` left out), by full name: quantized layers compressed, kept layers in their kept
+    dtype, every other tensor in the checkpoint dtype; a tensor shared by two names (a tied LM head)
+    is stored once, under its first name, as ``save_pretrained`` does."""
+    out: dict[str, torch.Tensor] = {}
+    owners = set()
+    for name, m in module.named_modules():
+        if not isinstance(m, QuantLinear) or (skip and (prefix + name).startswith(skip)):
+            continue
+        owners.add(name)
+        packed = (compress_layer(m, group_of[prefix + name].ct_scheme, dtype) if m.scheme.is_quantized
+                  else kept_layer_tensors(m))
+        out.update({f"{prefix}{name}.{k}": v for k, v in packed.items()})
+    seen = set()
+    for key, t in module.state_dict(keep_vars=True).items():
+        if key.rpartition(".")[0] in owners or (skip and (prefix + key).startswith(skip)) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[prefix + key] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
+    return out
+
+
+def rest_tensors(model: nn.Module, block_prefix: str, group_of: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Everything outside the decoder blocks: embeddings, final norm, LM head (quantized or not)."""
+    return module_tensors(model, "", group_of, dtype, skip=block_prefix)
+
+
+def _saved_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors under the names transformers saves them with (its load-time renamings undone,
+    as ``save_pretrained`` does; identity for most families)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, tensors)
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}
+
+
+def shard_size_bytes(size: "int | str | None") -> int | None:
+    """``2GB`` → 2·10⁹ bytes (``save_pretrained``'s units; ``GiB`` = 2³⁰), an int as it is, None as it is."""
+    if size is None or isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size), flags=re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise QDoctorError(f"bad shard size {size!r}: use e.g. 2GB, 500MB or 'block'")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").upper()])
+
+
+class ShardWriter:
+    """Safetensors shards written as tensors arrive: a shard is flushed once it holds
+    ``max_shard_size`` bytes (None: only when ``flush`` is called). ``close`` names them as
+    ``save_pretrained`` does — ``model.safetensors`` alone, else ``model-0000k-of-0000n`` plus
+    ``model.safetensors.index.json``."""
+
+    def __init__(self, out: Path, max_shard_size: "int | str | None"):
+        self.out = out
+        self.limit = shard_size_bytes(max_shard_size)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            size = t.numel() * t.element_size()
+            if self.limit is not None and self.pending and self.pending_bytes + size > self.limit:
+                self.flush()
+            # a copy: the block the tensor came from may be put back before the shard is written
+            self.pending[name] = t.detach().to("cpu", copy=True).contiguous()
+            self.pending_bytes += size
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        path = self.out / f".shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.total += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self.flush()
+        n = len(self.shards)
+        if n == 1:
+            self.shards[0][0].rename(self.out / "model.safetensors")
+            return
+        weight_map = {}
+        for j, (path, names) in enumerate(self.shards):
+            final = f"model-{j + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _compressor(plan: ExportPlan):
     from compressed_tensors.compressors import ModelCompressor
 
-    skeleton.save_pretrained(out, max_shard_size=max_shard_size, safe_serialization=True)
-    ModelCompressor(quantization_config=plan.config).update_config(str(out))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+    return ModelCompressor(quantization_config=plan.config)
 
 
-def _untie_quantized(model, config, quantized: dict, plan: ExportPlan) -> None:
-    """A quantized layer whose fp weight is shared (tied ``lm_head``/embeddings) cannot stay
+def _untie_quantized(model, config, layers: dict, plan: ExportPlan) -> None:
+    """A quantized layer whose weight is shared (a tied ``lm_head`` and embeddings) cannot stay
     tied: the embedding keeps floating point, the layer is stored as codes."""
-    shared = {}
+    shared: dict[int, list[str]] = {}
     for k, v in model.state_dict(keep_vars=True).items():
         shared.setdefault(id(v), []).append(k)
-    tied = [n for n, m in quantized.items() if len(shared.get(id(m.weight), [])) > 1]
+    tied = []
+    for name, ls in layers.items():
+        w = getattr(model.get_submodule(name), "weight", None)
+        if ls is not None and ls.is_quantized and w is not None and len(shared.get(id(w), [])) > 1:
+            tied.append(name)
     if tied:
         for cfg in (config, getattr(config, "text_config", None)):
             if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
                 cfg.tie_word_embeddings = False
         plan.warnings.append(f"{', '.join(tied)} shared its weight with another tensor (tied embeddings); "
                              "the checkpoint stores them untied (tie_word_embeddings=false)")
-
-
-def _tied_key(model: nn.Module, key: str) -> bool:
-    """A missing key that is a tied alias (e.g. lm_head.weight ↔ embed_tokens.weight) is fine."""
-    try:
-        p = model.get_parameter(key)
-    except AttributeError:
-        return False
-    return p.device.type != "meta"
 
 
 @contextmanager

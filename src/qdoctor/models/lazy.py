@@ -30,9 +30,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from accelerate.utils import set_module_tensor_to_device
 
 from qdoctor.errors import QDoctorError
+from qdoctor.models.device import default_device
 from qdoctor.models.registry import arch_for, arch_for_model_type, get_blocks
+from qdoctor.quant.linear import QuantLinear
 
 
 class SafetensorsSource:
@@ -153,8 +156,10 @@ class RandomSource:
 
 @dataclass
 class LazyBlocks:
-    """Materializes decoder blocks of a meta-device skeleton from a source, one at a time."""
+    """The block source of a lazy model (``models.streaming.block_source``): materializes decoder
+    blocks of a meta-device skeleton from a source, one at a time; transient by nature."""
 
+    resident = False  # class attribute: the blocks are not all in memory
     source: object
     device: torch.device
     dtype: torch.dtype
@@ -162,8 +167,6 @@ class LazyBlocks:
     loads: int = 0  # blocks materialized so far (for reports)
 
     def load(self, model: nn.Module, i: int) -> nn.Module:
-        from accelerate.utils import set_module_tensor_to_device
-
         block = get_blocks(model)[i]
         params = {f"{self.prefix}.{i}.{n}": p for n, p in block.named_parameters()}
         tensors = self.source.tensors(list(params), self.device, self.dtype, {n: p.shape for n, p in params.items()})
@@ -177,8 +180,6 @@ class LazyBlocks:
 
     def release(self, model: nn.Module, i: int) -> None:
         """Back to meta: quantized layers are replaced by meta ``nn.Linear``s of the same shape."""
-        from qdoctor.quant.linear import QuantLinear
-
         block = get_blocks(model)[i]
         for name, m in list(block.named_modules()):
             if isinstance(m, QuantLinear):
@@ -201,10 +202,7 @@ def load_lazy(source: "str | Path | SafetensorsSource | RandomSource", dtype: to
     The returned model is not runnable with ``model(...)``; use the streamed entry points
     (``qdoctor.scan``, ``calibrate``, ``perplexity``, the plan search), which detect it."""
     from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
     from transformers import AutoModelForCausalLM
-
-    from qdoctor.models.loading import default_device
 
     if not isinstance(source, (SafetensorsSource, RandomSource)):
         source = SafetensorsSource(source, trust_remote_code=trust_remote_code)

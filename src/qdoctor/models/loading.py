@@ -15,6 +15,8 @@ import torch
 
 from qdoctor.errors import QDoctorError
 from qdoctor.models.builtin import BUILTINS, builtin_gguf_path
+from qdoctor.models.device import default_device
+from qdoctor.models.lazy import load_lazy
 from qdoctor.models.registry import arch_for_model_type
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -32,10 +34,6 @@ def resolve_dtype(dtype: "str | torch.dtype | None", device: str) -> torch.dtype
         return _DTYPES[dtype.lower()]
     except KeyError:
         raise QDoctorError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16") from None
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def describe_source(source: str) -> dict:
@@ -127,8 +125,6 @@ def _first_line(e: BaseException) -> str:
 
 def _load_streamed(source: str, info: dict, dtype: torch.dtype, device: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
-
-    from qdoctor.models.lazy import load_lazy
 
     if info["gguf_file"] or not Path(info["path"]).is_dir():
         raise QDoctorError(f"{source}: --stream reads a local Hugging Face directory with safetensors "

@@ -54,6 +54,19 @@ class ArchSpec:
         """The pairs valid for this model's config (drops v→o under grouped-query attention)."""
         return tuple(p for p in self.pairs if pair_applies(p, config))
 
+    def input_groups(self, config) -> list[tuple[str, ...]]:
+        """The block's linears grouped by shared input: the consumers of one norm (q/k/v, gate/up)
+        see the same tensor, so its statistics are recorded once; every other linear is its own
+        group. The first name of a group is the one that records."""
+        groups, seen = [], set()
+        for pair in self.pairs_for(config):
+            if pair.kind == "norm":
+                members = tuple(c for c in pair.consumers if c in self.linears and c not in seen)
+                if members:
+                    groups.append(members)
+                    seen.update(members)
+        return groups + [(rel,) for rel in self.linears if rel not in seen]
+
 
 def pair_applies(pair: SmoothPair, config) -> bool:
     if pair.condition == "always":
@@ -144,3 +157,14 @@ def block_linear_names(model, arch: ArchSpec | None = None) -> list[str]:
     arch = arch or arch_for(model)
     n = len(get_blocks(model, arch))
     return [f"{arch.blocks}.{i}.{rel}" for i in range(n) for rel in arch.linears]
+
+
+def bos_token_id(model, tokenizer) -> int | None:
+    """The token every sequence starts with: <bos> for families that need it (``needs_bos``:
+    Gemma), else None (the text starts the window). The one place this rule is stated."""
+    arch = arch_for(model)
+    if not arch.needs_bos:
+        return None
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        raise QDoctorError(f"{arch.family} needs <bos> but the tokenizer has no bos_token_id")
+    return tokenizer.bos_token_id

@@ -1,12 +1,23 @@
-"""Block streaming: run calibration data through a decoder one block at a time.
+"""The block pipeline: every pass over a model runs here, one decoder block at a time.
 
-The execution model shared by scan, fix and export: the calibration set's inputs to block 0
-are captured once, then for each block i
+Calibration, scan statistics, plan evidence, treatment, perplexity and export all walk the
+blocks with ``stream_blocks``: the inputs of block 0 are captured once, then for each block i
 
     X_{i+1} = block_i(X_i, **kwargs_i)
 
-with whatever hooks or transforms the caller applies to block i in between. Memory is one
-block plus the N × L × hidden activations, however deep the model.
+with whatever hooks or treatment the caller applies to block i in between. A whole model in
+memory is the one-source case of the same mechanism: where the blocks come from is the
+business of the model's *block source* (``block_source``):
+
+- ``ResidentBlocks`` — the blocks of a model in memory, yielded as they are; a *transient*
+  pass snapshots block i when it is opened and puts it back when it is closed (quantized
+  layers restored, weights reloaded), so a treatment lasts only while the block runs;
+- ``models.lazy.LazyBlocks`` — a checkpoint's blocks, read from their source when opened and
+  dropped back to ``meta`` when closed (transient by nature).
+
+Memory: one block (plus its snapshot in a transient resident pass) and the N × L × hidden
+activations, however deep the model. What needs every block at once (zero-shot scoring,
+treating a model in place) asks ``require_resident`` first: the one place that decides it.
 
 Capturing: every block's ``forward`` is temporarily replaced by a recorder that stores its
 keyword arguments (attention masks, rotary embeddings — per block, since Gemma mixes sliding
@@ -24,7 +35,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from qdoctor.errors import QDoctorError
 from qdoctor.models.registry import arch_for, get_blocks
+from qdoctor.quant.apply import restore
 
 
 class _StopForward(Exception):
@@ -109,37 +122,89 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 def stream_blocks(model: nn.Module, input_ids: torch.Tensor,
                   on_block: Callable[[int, nn.Module, BlockInputs], "list[torch.Tensor] | None"],
                   batch_size: int = 4, progress: bool = True, desc: str = "blocks",
-                  final_outputs: bool = False) -> "list[torch.Tensor] | None":
+                  final_outputs: bool = False, transient: bool = False) -> "list[torch.Tensor] | None":
     """Call ``on_block(i, block, inputs)`` for each block in order. It may register hooks, run
-    ``inputs.forward(block)`` itself (and return the outputs), or transform the block; when it
-    returns None the outputs of the (possibly transformed) block feed the next block.
+    ``inputs.forward(block)`` itself (and return the outputs), or treat the block; when it
+    returns None the outputs of the (possibly treated) block feed the next block.
 
-    For a lazy model (``models.lazy.load_lazy``) block i is materialized from its source before
-    ``on_block`` and dropped (back to ``meta``, transforms and all) once its outputs exist.
-    With ``final_outputs`` the last block's outputs are returned (the input of the final norm)."""
+    Block i is opened from the model's block source before ``on_block`` and closed once its
+    outputs exist; with ``transient`` whatever ``on_block`` did to a resident block is undone
+    then (a lazy block is always dropped). With ``final_outputs`` the last block's outputs are
+    returned (the input of the final norm); the last block runs only then or when ``on_block``
+    runs it. Running out of device memory is a one-line error naming the block."""
     blocks = get_blocks(model, arch_for(model))
     inputs, all_kwargs = capture_block_inputs(model, input_ids, batch_size)
     out = None
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False):
         inputs = BlockInputs(inputs.hidden, all_kwargs[i])
-        with materialized(model, i) as block:
-            out = on_block(i, block, inputs)
-            if out is None and (i + 1 < len(blocks) or final_outputs):
-                out = inputs.forward(block)
+        try:
+            with materialized(model, i, transient=transient) as block:
+                out = on_block(i, block, inputs)
+                if out is None and (i + 1 < len(blocks) or final_outputs):
+                    out = inputs.forward(block)
+        except torch.OutOfMemoryError:
+            raise QDoctorError(f"out of device memory in decoder block {i} ({desc}, {inputs.tokens()} tokens "
+                               f"in {len(inputs.hidden)} batches): use fewer or shorter calibration samples "
+                               "(--calib-samples / --calib-seqlen), fewer --sample-rows, or a device with "
+                               "more memory") from None
         if i + 1 < len(blocks):
             inputs = BlockInputs(out, all_kwargs[i + 1])
     return out if final_outputs else None
 
 
-@contextmanager
-def materialized(model: nn.Module, i: int) -> Iterator[nn.Module]:
-    """Decoder block i with real weights while the ``with`` lasts: a lazy model's block is read
-    from its source on entry and put back on ``meta`` on exit (transforms and all, even on an
-    error); an ordinary model's block is yielded as it is."""
+def each_block(model: nn.Module, fn: Callable[[int, nn.Module], None], progress: bool = False,
+               desc: str = "blocks", transient: bool = False) -> None:
+    """``fn(i, block)`` for every decoder block, opened one at a time (weights only, no forward)."""
+    for i in tqdm(range(len(get_blocks(model))), desc=desc, unit="block", disable=not progress, leave=False):
+        with materialized(model, i, transient=transient) as block:
+            fn(i, block)
+
+
+class ResidentBlocks:
+    """The block source of a model in memory (see the module docstring)."""
+
+    resident = True
+
+    def __init__(self, transient: bool = False):
+        self.transient = transient
+        self._saved: dict[int, dict[str, torch.Tensor]] = {}
+
+    def load(self, model: nn.Module, i: int) -> nn.Module:
+        block = get_blocks(model)[i]
+        if self.transient:
+            self._saved[i] = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        return block
+
+    def release(self, model: nn.Module, i: int) -> None:
+        saved = self._saved.pop(i, None)
+        if saved is not None:
+            block = get_blocks(model)[i]
+            restore(block)
+            block.load_state_dict(saved)
+
+
+def block_source(model: nn.Module, transient: bool = False):
+    """Where ``model``'s blocks come from: its ``LazyBlocks`` (a block-streamed model) or
+    ``ResidentBlocks``. Both have ``resident``, ``load(model, i)`` and ``release(model, i)``."""
     lazy = getattr(model, "qdoctor_lazy", None)
-    block = lazy.load(model, i) if lazy is not None else get_blocks(model)[i]
+    return lazy if lazy is not None else ResidentBlocks(transient)
+
+
+def require_resident(model: nn.Module, capability: str, hint: str = "") -> None:
+    """Refuse, in one line, what needs every block of ``model`` in memory at once."""
+    if not block_source(model).resident:
+        raise QDoctorError(f"{capability} needs the whole model in memory: not available with --stream "
+                           f"(a block-streamed model){hint}")
+
+
+@contextmanager
+def materialized(model: nn.Module, i: int, transient: bool = False) -> Iterator[nn.Module]:
+    """Decoder block i with real weights while the ``with`` lasts (``block_source``): a lazy
+    model's block is read on entry and put back on ``meta`` on exit (treatment and all, even on
+    an error); a resident block is yielded as it is and, with ``transient``, restored on exit."""
+    source = block_source(model, transient)
+    block = source.load(model, i)
     try:
         yield block
     finally:
-        if lazy is not None:
-            lazy.release(model, i)
+        source.release(model, i)

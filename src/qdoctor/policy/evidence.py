@@ -1,24 +1,30 @@
-"""Per-layer evidence the policies rank layers by, from calibration statistics.
+"""Per-layer evidence the plan search ranks layers by: the scan's findings (one diagnosis).
 
-- ``spike_ratio``: mean over samples of max/median per-token absmax of the layer input
-  (``stats.spikes``), the activation-spike signature (Maisonnave 2025).
-- ``out_w_channel`` / ``out_w_group``: output error ‖XWᵀ − XQ(W)ᵀ‖/‖XWᵀ‖ with INT8
-  per-channel / per-group weights on sampled calibration rows (``stats.quant_error``), the
-  weight-outlier signature (Qin 2024: > 1% in the outlier layers only).
+The search does not measure layers itself; it reads what ``qdoctor.scan`` found — the same
+recorder, error estimator and thresholds (``scan.config``) — from a scan run on the fly or
+saved (``qdoctor fix --scan scan.json``):
+
+- ``spike_ratio``: mean over samples of max/median per-token absmax of the layer input, the
+  activation-spike signature (Maisonnave 2025);
+- ``out_w_channel`` / ``out_w_group``: output error ‖XWᵀ − XQ(W)ᵀ‖/‖XWᵀ‖ with INT8 per-channel /
+  per-group weights on the scan's error subsample, the weight-outlier signature (Qin 2024:
+  > 1% in the outlier layers only);
+- ``group_errors``: the same error for each candidate group size (``scan.config.GROUP_CANDIDATES``),
+  for the layers above the scan's weight-error threshold;
 - ``weight_absmax``: max|W|.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from qdoctor.quant.granularity import PerChannel, PerGroup
-from qdoctor.quant.scales import largest_divisor_at_most
+from qdoctor.quant.granularity import PerGroup
+from qdoctor.quant.scales import group_size_for
 from qdoctor.quant.spec import QuantSpec
+from qdoctor.scan.config import GROUP_CANDIDATES
 from qdoctor.stats.quant_error import weight_output_rel_error
-from qdoctor.stats.spikes import spike_ratio
 
 
 @dataclass
@@ -30,23 +36,38 @@ class LayerEvidence:
     out_w_channel: float
     out_w_group: float
     group_size: int
+    group_errors: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_finding(cls, f) -> "LayerEvidence":
+        """The evidence in a scan's ``LayerFinding``."""
+        return cls(name=f.name, spike_ratio=f.spike_ratio, act_absmax=f.activation.absmax,
+                   weight_absmax=f.weight.max_abs, out_w_channel=f.errors["out_w_channel"],
+                   out_w_group=f.errors["out_w_group"], group_size=f.weight.group_size,
+                   group_errors={int(g): e for g, e in (f.group_errors or {}).items()})
 
-def group_size_for(k: int, preferred: int = 128) -> int:
-    """g = preferred if it divides K, else the largest divisor of K below it."""
-    return preferred if k % preferred == 0 else largest_divisor_at_most(k, preferred)
+    def needed_group_size(self, threshold: float) -> int | None:
+        """The coarsest group size whose weight output error is ≤ ``threshold``; the finest one
+        if none is; None when the scan measured no group sizes for this layer."""
+        if not self.group_errors:
+            return None
+        sizes = sorted(self.group_errors, reverse=True)
+        return next((g for g in sizes if self.group_errors[g] <= threshold), sizes[-1])
 
 
-GROUP_CANDIDATES = (128, 64, 32, 16)
+def evidence_from_scan(report) -> dict[str, LayerEvidence]:
+    """Layer name → ``LayerEvidence`` of every layer of a ``ScanReport``."""
+    return {f.name: LayerEvidence.from_finding(f) for f in report.layers}
 
 
 def choose_group_size(x: torch.Tensor, w: torch.Tensor, threshold: float,
                       candidates: tuple[int, ...] = GROUP_CANDIDATES) -> tuple[int, float]:
     """(g, error): the coarsest group size among the divisors of K in ``candidates`` whose INT8
-    per-group weight output error on rows x is ≤ threshold; the finest one if none is."""
+    per-group weight output error on the unweighted rows x is ≤ threshold; the finest one if
+    none is. (A second derivation of ``needed_group_size``, on plain rows: tests, experiments.)"""
     k = w.shape[1]
     sizes = sorted({g for g in candidates if k % g == 0} or {group_size_for(k, min(candidates))}, reverse=True)
     err = float("inf")
@@ -55,26 +76,6 @@ def choose_group_size(x: torch.Tensor, w: torch.Tensor, threshold: float,
         if err <= threshold:
             return g, err
     return sizes[-1], err
-
-
-def layer_evidence(model, stats, group_size: int = 128) -> dict[str, LayerEvidence]:
-    """Evidence for every layer in ``stats`` (needs sampled rows for the output errors)."""
-    return {name: layer_evidence_of(name, model.get_submodule(name).weight, st, group_size)
-            for name, st in stats.layers.items()}
-
-
-def layer_evidence_of(name: str, weight, st, group_size: int = 128) -> LayerEvidence:
-    """The evidence of one layer from its weight and its ``LinearInputStats``."""
-    w = weight.detach()  # fp32 copies are made in row blocks by weight_output_rel_error
-    g = group_size_for(w.shape[1], group_size)
-    if st.rows is not None:
-        x = st.rows.to(w.device)
-        e_ch = weight_output_rel_error(x, w, QuantSpec("int8", PerChannel()))
-        e_gr = weight_output_rel_error(x, w, QuantSpec("int8", PerGroup(g)))
-    else:
-        e_ch = e_gr = float("nan")
-    return LayerEvidence(name=name, spike_ratio=spike_ratio(st.token_absmax), act_absmax=st.tensor_absmax,
-                         weight_absmax=float(w.abs().max()), out_w_channel=e_ch, out_w_group=e_gr, group_size=g)
 
 
 def rank_spikes(evidence: dict[str, LayerEvidence], min_ratio: float) -> list[str]:

@@ -94,6 +94,12 @@ class Metric:
     def score(self, model) -> float:
         return self.measure(model)[0]
 
+    def measure_plan(self, model, recipe, stats) -> tuple[float, dict]:
+        """``measure`` of ``model`` treated by ``recipe`` (a ``policy.recipe.Recipe``); the model
+        is unchanged afterwards. Default: the whole model treated in place while measured."""
+        with recipe.applied(model, self.tok, stats):
+            return self.measure(model)
+
     def limit(self, fp_value: float, budget: float) -> float:
         """The worst value that still meets ``budget``."""
         raise NotImplementedError
@@ -141,6 +147,10 @@ class PerplexityMetric(Metric):
         from qdoctor.eval.perplexity import perplexity
 
         return perplexity(model, self.tok, windows=self.windows, progress=False).ppl, {}
+
+    def measure_plan(self, model, recipe, stats) -> tuple[float, dict]:
+        """Each block treated as it is opened (``Recipe.perplexity``): any residency."""
+        return recipe.perplexity(model, self.tok, self.windows, stats)[0].ppl, {}
 
     def limit(self, fp_value: float, budget: float) -> float:
         return fp_value * (1.0 + budget / 100.0)

@@ -12,23 +12,42 @@
     evidence: {model.layers.11.mlp.down_proj: "spike ratio 2040"}   # why, informational
     metrics: {...}                            # what the search measured, informational
 
-``Recipe.apply(model, tokenizer)`` calibrates (same seeded config → same statistics),
-smooths, recalibrates if a percentile observer needs fresh per-token maxima, and quantizes.
+A plan is applied per decoder block: ``Recipe.apply_block(model, i, block, stats)`` folds the
+smoothing steps into block i and quantizes its layers; everything else is a walk over the
+blocks by the pipeline (``models.streaming``):
+
+- ``Recipe.perplexity(model, tok, windows)`` — the one way a plan is measured: each block is
+  treated as it is opened and put back when it is closed (``stream_blocks(transient=True)``),
+  so a model in memory and a block-streamed one take the same path and nothing needs undoing;
+- ``Recipe.applied(model, tok)`` — the model treated in place while a ``with`` lasts, for what
+  needs the whole treated model (zero-shot scoring), restored after;
+- ``Recipe.apply(model, tokenizer)`` — the model treated in place for good.
+
+Calibration: the recipe's seeded config gives the same statistics every time; a percentile
+observer after smoothing needs the per-token maxima of the smoothed model, so those come from
+one more calibration pass with the smoothing alone applied (``quantization_stats``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch.nn as nn
 import yaml
 
 from qdoctor.calib.collect import CalibrationConfig, CalibrationStats, calibrate
 from qdoctor.errors import QDoctorError
-from qdoctor.quant.apply import QuantizeResult, quantize
+from qdoctor.eval.perplexity import PerplexityResult, perplexity
+from qdoctor.io import atomic_write_text
+from qdoctor.models.registry import arch_for
+from qdoctor.models.streaming import each_block, require_resident
+from qdoctor.quant.apply import QuantizeResult, quantize, restore
 from qdoctor.quant.spec import Scheme
-from qdoctor.transforms.smoothing import SmoothingStep, apply_smoothing
+from qdoctor.transforms.smoothing import SmoothingStep, smooth_block
 
 RECIPE_VERSION = 1
 _CALIB_KEYS = {"n_samples", "seqlen", "source", "seed", "batch_size", "sample_rows", "holdout_fraction"}
@@ -50,15 +69,112 @@ class Recipe:
     def needs_median_rows(self) -> bool:
         return any(s.method == "bismooth-median" for s in self.smoothing)
 
-    def apply(self, model, tokenizer, stats: CalibrationStats | None = None, progress: bool = True) -> QuantizeResult:
-        """Smooth and quantize ``model`` in place; returns the quantization result."""
-        if self.needs_calibration and stats is None:
+    @classmethod
+    def of(cls, plan: "Recipe | Scheme", calibration: CalibrationConfig | None = None) -> "Recipe":
+        """``plan`` as a recipe: a recipe as it is, a scheme as a recipe without smoothing that
+        calibrates with ``calibration`` (default ``CalibrationConfig()``)."""
+        if isinstance(plan, Recipe):
+            return plan
+        return cls(scheme=plan, calibration=calibration or CalibrationConfig())
+
+    @property
+    def name(self) -> str:
+        return self.scheme.name
+
+    def statistics(self, model, tokenizer, stats: CalibrationStats | None = None) -> CalibrationStats | None:
+        """``stats``, or a calibration pass with the recipe's config when the plan needs one."""
+        if stats is None and self.needs_calibration:
             stats = calibrate(model, tokenizer, self.calibration_config())
+        return stats
+
+    def quantization_stats(self, model, tokenizer, stats: CalibrationStats | None) -> CalibrationStats | None:
+        """The statistics the static scales come from: ``stats`` (smoothing rescales their channel
+        maxima exactly), or — for a percentile observer after smoothing, which needs per-token
+        maxima of the smoothed activations — a calibration pass with only the smoothing applied."""
+        if not (self.smoothing and _uses_percentile(self.scheme)):
+            return None
+        return calibrate(model, tokenizer, self.calibration,
+                         block_transform=lambda i, block: self.smooth_block(model, i, block, stats))
+
+    def smooth_block(self, model, i: int, block, stats: CalibrationStats | None) -> CalibrationStats | None:
+        """Fold every smoothing step into decoder block ``i``; returns the statistics of the block's
+        layers after it (copies, rescaled as the smoothing divides the channels) or ``stats``."""
+        if not self.smoothing:
+            return stats
+        arch = arch_for(model)
+        prefix = f"{arch.blocks}.{i}."
+        names = [prefix + r for r in arch.linears]
+        # one deepcopy of the block's statistics: layers that shared an object still do
+        stats = CalibrationStats(layers=copy.deepcopy({n: stats[n] for n in names}), input_ids=stats.input_ids,
+                                 config=stats.config)
         for step in self.smoothing:
-            apply_smoothing(model, stats, step, scheme=self.scheme)
-        if self.smoothing and _uses_percentile(self.scheme):
-            stats = calibrate(model, tokenizer, self.calibration)
-        return quantize(model, self.scheme, calibration=stats, progress=progress)
+            smooth_block(model.config, arch, i, block, stats, step, self.scheme)
+        return stats
+
+    def apply_block(self, model, i: int, block, stats: CalibrationStats | None,
+                    quant_stats: CalibrationStats | None = None) -> QuantizeResult:
+        """Treat decoder block ``i`` (opened by the pipeline): the smoothing steps, then the scheme on
+        the block's layers by their full names. Static scales come from ``quant_stats`` when given
+        (``quantization_stats``), else from the smoothed copy of ``stats``."""
+        smoothed = self.smooth_block(model, i, block, stats)
+        prefix = f"{arch_for(model).blocks}.{i}."
+        return quantize(block, self.scheme, calibration=quant_stats or smoothed, progress=False, prefix=prefix)
+
+    def apply_rest(self, model, stats: CalibrationStats | None) -> QuantizeResult | None:
+        """Quantize the layers outside the decoder blocks that the scheme selects (an LM head it
+        does not ignore); None when there are none."""
+        blocks = arch_for(model).blocks
+        outside = self.scheme.with_ignore((f"{blocks}.*",))
+        if not any(outside.resolve(n) is not None for n, m in model.named_modules() if isinstance(m, nn.Linear)):
+            return None
+        return quantize(model, outside, calibration=stats, progress=False)
+
+    def perplexity(self, model, tokenizer, windows, stats: CalibrationStats | None = None, desc: str = "perplexity",
+                   progress: bool = False, limit: int | None = None) -> tuple[PerplexityResult, QuantizeResult]:
+        """(perplexity of ``windows`` under the plan, what was applied): every block treated as
+        it is opened and put back when it is closed; the model is unchanged afterwards."""
+        stats = self.statistics(model, tokenizer, stats)
+        qstats = self.quantization_stats(model, tokenizer, stats)
+        applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
+        head = self.apply_rest(model, stats)
+        try:
+            if head is not None:
+                applied.merge(head)
+
+            def treat(i, block):
+                applied.merge(self.apply_block(model, i, block, stats, qstats))
+
+            ppl = perplexity(model, tokenizer, windows=windows, limit=limit, desc=desc, progress=progress,
+                             block_transform=treat)
+        finally:
+            if head is not None:
+                restore(model)
+        return ppl, applied
+
+    @contextmanager
+    def applied(self, model, tokenizer, stats: CalibrationStats | None = None):
+        """The model (in memory) treated in place while the ``with`` lasts, as it was after."""
+        require_resident(model, "applying a plan to the whole model")
+        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()} if self.smoothing else None
+        try:
+            yield self.apply(model, tokenizer, stats, progress=False)
+        finally:
+            restore(model)
+            if snapshot is not None:
+                model.load_state_dict(snapshot)
+
+    def apply(self, model, tokenizer, stats: CalibrationStats | None = None, progress: bool = True) -> QuantizeResult:
+        """Smooth and quantize ``model`` (in memory) in place, block by block; returns what was applied."""
+        require_resident(model, "treating the whole model in place")
+        stats = self.statistics(model, tokenizer, stats)
+        qstats = self.quantization_stats(model, tokenizer, stats)
+        applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
+        head = self.apply_rest(model, stats)
+        if head is not None:
+            applied.merge(head)
+        each_block(model, lambda i, block: applied.merge(self.apply_block(model, i, block, stats, qstats)),
+                   progress=progress, desc=f"applying {self.scheme.name}")
+        return applied
 
     def calibration_config(self) -> CalibrationConfig:
         """The recipe's calibration, with 512 sampled rows per layer when the smoothing needs
@@ -122,6 +238,4 @@ def load_recipe(path: str) -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: str) -> None:
-    from qdoctor.io import atomic_write_text
-
     atomic_write_text(path, recipe.dumps("json" if path.endswith(".json") else "yaml"))

@@ -31,8 +31,6 @@ budget was met; it never hides a miss.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,16 +38,19 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from qdoctor.calib.collect import CalibrationConfig, calibrate, calibration_token_ids
+from qdoctor.calib.collect import CalibrationConfig, calibration_token_ids
+from qdoctor.calib.windows import consecutive_windows, window_body
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import perplexity
-from qdoctor.models.registry import arch_for, block_linear_names
-from qdoctor.policy.evidence import cap, choose_group_size, layer_evidence, rank_spikes, rank_weight_outliers
+from qdoctor.models.registry import arch_for, block_linear_names, bos_token_id
+from qdoctor.models.streaming import require_resident
+from qdoctor.policy.evidence import cap, evidence_from_scan, rank_spikes, rank_weight_outliers
 from qdoctor.policy.metric import Metric, MetricSpec, PerplexityMetric, TaskAccuracyMetric, parse_metric
 from qdoctor.policy.recipe import Recipe
-from qdoctor.quant.apply import restore
 from qdoctor.quant.granularity import PerChannel, PerGroup
 from qdoctor.quant.spec import LayerScheme, QuantSpec, Scheme, get_scheme
+from qdoctor.scan.config import FIX_SPIKE_MIN_RATIO, ScanConfig, Thresholds
+from qdoctor.scan.run import scan_with_stats
 from qdoctor.transforms.smoothing import SmoothingStep
 
 TARGET_ALIASES = {"w8a8-tensor-static": "w8a8-tensor-tensor-static", "w8a8-channel-static": "w8a8-channel-tensor-static",
@@ -65,8 +66,8 @@ class FixConfig:
     target: str = "w8a8-tensor-tensor-static"
     budget_pct: float = 1.0  # metric "ppl": allowed PPL increase over FP in percent; "tasks:…": accuracy points
     max_layer_fraction: float = 0.03  # at most this fraction of linear layers kept / per-group
-    weight_error_threshold: float = 0.01  # Qin's 1% per-layer output error
-    spike_min_ratio: float = 20.0  # layers below this spike ratio are never kept
+    weight_error_threshold: float = Thresholds.weight_error  # Qin's 1% per-layer output error (scan.config)
+    spike_min_ratio: float = FIX_SPIKE_MIN_RATIO  # layers below this spike ratio are never kept
     group_size: int = 128
     keep: str = "bf16"  # bf16 | fp16 | fp8
     alphas: tuple = ("auto", 0.5, 0.8)
@@ -94,6 +95,12 @@ class FixConfig:
             raise QDoctorError(f"--keep must be bf16, fp16 or fp8, got {self.keep!r}")
         if self.calibration.holdout_fraction <= 0:
             raise QDoctorError("the search needs held-out text: calibration.holdout_fraction > 0")
+
+    def scan_config(self, progress: bool = True) -> ScanConfig:
+        """The scan the search's evidence comes from: this calibration, the search's weight-error
+        threshold (so every layer above it gets its per-group errors) and group size."""
+        return ScanConfig(calibration=self.calibration, thresholds=Thresholds(weight_error=self.weight_error_threshold),
+                          group_size=self.group_size, progress=progress)
 
     @property
     def metric_spec(self) -> MetricSpec:
@@ -227,41 +234,75 @@ def group_scheme(target: Scheme, group_size: int) -> LayerScheme:
     return LayerScheme(QuantSpec("int8", PerGroup(group_size)), target.default.activations)
 
 
-def heldout_windows(tokenizer, config: FixConfig, arch) -> torch.Tensor:
+def heldout_windows(tokenizer, config: FixConfig, bos_id: int | None) -> torch.Tensor:
     """The windows plans are scored on: ``eval_windows`` × ``eval_seqlen`` tokens from the last
-    ``holdout_fraction`` of the calibration source (with <bos> first where the family needs it)."""
-    bos = tokenizer.bos_token_id if arch.needs_bos else None
+    ``holdout_fraction`` of the calibration source (``calib.windows``)."""
     held = calibration_token_ids(tokenizer, config.calibration, heldout=True)
-    body = config.eval_seqlen - (1 if bos is not None else 0)
-    n = min(config.eval_windows, held.numel() // body)
-    if n < 1:
+    if held.numel() < window_body(config.eval_seqlen, bos_id):
         raise QDoctorError("held-out text is shorter than one evaluation window; lower --eval-seqlen")
-    rows = held[: n * body].view(n, body)
-    if bos is not None:
-        rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], 1)
-    return rows
+    return consecutive_windows(held, config.eval_seqlen, bos_id, max_windows=config.eval_windows)
+
+
+def check_scan_matches(scan, config: FixConfig):
+    """(report, stats) of ``scan`` when it can stand for this search's own: the same calibration
+    (windows, sampled rows, held-out part) and a weight-error threshold no higher than the
+    search's (else the per-group errors of some layers were not measured); a ``QDoctorError``
+    naming every difference otherwise."""
+    report, stats = scan
+    want = config.scan_config(progress=False)
+    got = ScanConfig.from_dict(report.config) if isinstance(report.config, dict) else report.config
+    diffs = [f"{k} {getattr(got.calibration, k)!r} (fix: {getattr(want.calibration, k)!r})"
+             for k in ("n_samples", "seqlen", "source", "seed", "sample_rows", "holdout_fraction")
+             if getattr(got.calibration, k) != getattr(want.calibration, k)]
+    if got.thresholds.weight_error > want.thresholds.weight_error:
+        diffs.append(f"weight-error threshold {got.thresholds.weight_error} (fix: {want.thresholds.weight_error})")
+    for key in ("group_size", "error_tokens", "max_spike_rows", "spike_factor"):
+        if getattr(got, key) != getattr(want, key):
+            diffs.append(f"{key} {getattr(got, key)!r} (fix: {getattr(want, key)!r})")
+    if diffs:
+        raise QDoctorError("the scan was made with other settings than this fix: " + "; ".join(diffs) +
+                           " — re-run the scan with the fix's (`qdoctor scan --for-fix`) or give the fix the scan's")
+    return report, stats
 
 
 class Searcher:
-    """Holds the model, its full-precision snapshot, calibration, held-out windows and the
-    search metric (``self.metric``, built once by ``build_metric``: for a task metric the items
-    are drawn and tokenized here and reused for every plan).
+    """Holds the model (in memory or block-streamed: the pipeline decides), its calibration,
+    evidence, held-out windows and the search metric (``self.metric``, built once by
+    ``build_metric``: for a task metric the items are drawn and tokenized here).
 
+    Everything that needs weights is a walk over the blocks (``models.streaming``):
+
+    - calibration: one pass (``calib.collect``);
+    - evidence (spike ratio, weight output errors, the coarsest sufficient group size of each
+      weight-outlier layer): one pass over the blocks, weights only — no forward;
+    - a candidate plan: one pass of the held-out windows in which block i is smoothed and
+      quantized as it is opened and put back when closed (``Recipe.perplexity``).
+
+    So a plan costs one forward of the held-out windows (and, block-streamed, one read of every
+    block). The zero-shot task metric scores the whole treated model and so needs it in memory.
     Subclasses may override ``evaluate(plan, windows=None) -> Trial``; with a non-perplexity
     metric the returned Trial must carry ``value`` (``make_trial`` builds it)."""
 
-    def __init__(self, model, tokenizer, config: FixConfig, progress: bool = True):
+    def __init__(self, model, tokenizer, config: FixConfig, progress: bool = True, scan=None):
         self.model, self.tok, self.config, self.progress = model, tokenizer, config, progress
         self.target = resolve_target(config.target)
         self.metric_spec = config.metric_spec
-        arch = arch_for(model)
-        self.names = block_linear_names(model, arch)
-        self.snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.stats = calibrate(model, tokenizer, config.calibration, layer_names=self.names)
-        self.windows = heldout_windows(tokenizer, config, arch)
-        self.fp_ppl = perplexity(model, tokenizer, windows=self.windows, progress=False).ppl
+        if self.metric_spec.name != "ppl":
+            require_resident(model, f"--metric {self.metric_spec}",
+                             "; --stream searches with the perplexity metric only (--metric ppl)")
+        self.arch = arch_for(model)
+        self.names = block_linear_names(model, self.arch)
+        if scan is None:
+            scan = scan_with_stats(model, tokenizer, config.scan_config(progress))
+        self.scan, self.stats = check_scan_matches(scan, config)
+        self.windows = heldout_windows(tokenizer, config, bos_token_id(model, tokenizer))
+        self.fp_ppl = perplexity(model, tokenizer, windows=self.windows, progress=progress, desc="fp held-out").ppl
         self._fp_cache: dict = {}
-        self.evidence = layer_evidence(model, self.stats, config.group_size)
+        self.evidence = evidence_from_scan(self.scan)
+        missing = sorted(set(self.names) - set(self.evidence))
+        if missing:
+            raise QDoctorError(f"the scan has no finding for {missing[0]} (+{len(missing) - 1} more): it is of "
+                               "another model")
         self.metric: Metric = self.build_metric()
 
     def build_metric(self) -> Metric:
@@ -274,9 +315,13 @@ class Searcher:
                                   seed=c.metric_seed, data_dir=c.task_data, batch_size=c.metric_batch_size)
 
     def group_size(self, name: str) -> int:
-        """The coarsest group size that brings ``name``'s weight output error under the threshold."""
-        w = self.model.get_submodule(name).weight
-        return choose_group_size(self.stats[name].rows, w, self.config.weight_error_threshold)[0]
+        """The coarsest group size that brings ``name``'s weight output error under the threshold
+        (from the scan's ``group_errors``)."""
+        g = self.evidence[name].needed_group_size(self.config.weight_error_threshold)
+        if g is None:
+            raise QDoctorError(f"{name}: no group size was chosen (its per-channel weight error is within "
+                               "the threshold)")
+        return g
 
     def fp_ppl_of(self, windows: torch.Tensor) -> float:
         key = (windows.data_ptr(), tuple(windows.shape))
@@ -289,18 +334,6 @@ class Searcher:
         return Recipe(scheme=scheme, smoothing=list(plan.smoothing), calibration=self.config.calibration,
                       model=getattr(self.model, "qdoctor_source", ""))
 
-    @contextlib.contextmanager
-    def applied(self, plan: Plan):
-        """The model with ``plan`` applied inside the block; full precision again after it."""
-        stats = copy.deepcopy(self.stats) if plan.smoothing else self.stats
-        try:
-            self.recipe(plan).apply(self.model, self.tok, stats=stats, progress=False)
-            yield self.model
-        finally:
-            restore(self.model)
-            if plan.smoothing:
-                self.model.load_state_dict(self.snapshot)
-
     def make_trial(self, plan: Plan, value: float, seconds: float, details: dict | None = None) -> Trial:
         """A Trial of ``plan`` scored ``value`` by the search metric."""
         m = self.metric
@@ -311,17 +344,16 @@ class Searcher:
                      metric=m.name, value=value, delta=delta, details=dict(details or {}))
 
     def evaluate(self, plan: Plan, windows: torch.Tensor | None = None) -> Trial:
-        """Apply ``plan`` to the model, score it, undo it. Scored by the search metric, or — when
-        ``windows`` is given — by perplexity on those windows (a perplexity Trial, any metric)."""
+        """Score ``plan`` by the search metric, or — when ``windows`` is given — by perplexity on
+        those windows (a perplexity Trial, any metric). The model is unchanged afterwards."""
         t0 = time.perf_counter()
+        recipe = self.recipe(plan)
         if windows is not None and (windows is not self.windows or self.metric.name != "ppl"):
-            with self.applied(plan):
-                ppl = perplexity(self.model, self.tok, windows=windows, progress=False).ppl
+            ppl = recipe.perplexity(self.model, self.tok, windows, self.stats, desc=f"plan {plan.label}")[0].ppl
             ref = self.fp_ppl if windows is self.windows else self.fp_ppl_of(windows)
             return Trial(plan.label, ppl, 100.0 * (ppl / ref - 1.0), len(plan.kept()), len(plan.per_group()),
                          time.perf_counter() - t0, plan)
-        with self.applied(plan):
-            value, details = self.metric.measure(self.model)
+        value, details = self.metric.measure_plan(self.model, recipe, self.stats)
         return self.make_trial(plan, value, time.perf_counter() - t0, details)
 
 

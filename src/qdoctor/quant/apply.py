@@ -24,11 +24,32 @@ class QuantizeResult:
     layers: dict[str, LayerScheme]  # name → scheme actually applied
     ignored: list[str]
 
+    def merge(self, other: "QuantizeResult") -> None:
+        """Add what ``other`` applied (another block of the same plan)."""
+        self.layers.update(other.layers)
+        self.ignored.extend(other.ignored)
+
+    @property
+    def kept(self) -> int:
+        """Layers kept out of quantization (``keep``)."""
+        return sum(1 for ls in self.layers.values() if ls.keep)
+
+    @property
+    def quantized(self) -> int:
+        return len(self.layers) - self.kept
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for ls in self.layers.values():
             out[ls.describe()] = out.get(ls.describe(), 0) + 1
         return out
+
+
+def layer_scheme_for(scheme: Scheme, name: str, weight_dtype: torch.dtype) -> LayerScheme | None:
+    """The ``LayerScheme`` ``quantize`` gives layer ``name``: the scheme's, or None when the layer is
+    left as it is — ignored, or kept in fp32 when its weights already are fp32."""
+    ls = scheme.resolve(name)
+    return None if ls is None or (ls.keep == "fp32" and weight_dtype == torch.float32) else ls
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -63,8 +84,8 @@ def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
     ignored: list[str] = []
     replacements: dict[str, QuantLinear] = {}  # swapped in only once every layer succeeded
     for name, lin in tqdm(targets, desc=f"quantizing ({scheme.name})", unit="layer", leave=False, disable=not progress):
-        ls = scheme.resolve(name)
-        if ls is None or (ls.keep == "fp32" and lin.weight.dtype == torch.float32):
+        ls = layer_scheme_for(scheme, name, lin.weight.dtype)
+        if ls is None:
             ignored.append(name)
             continue
         act_scale = None

@@ -45,6 +45,11 @@ def largest_divisor_at_most(k: int, g: int) -> int:
     return 1
 
 
+def group_size_for(k: int, preferred: int = 128) -> int:
+    """g = ``preferred`` when it divides K, else the largest divisor of K below it (K = 576 → 96)."""
+    return preferred if k % preferred == 0 else largest_divisor_at_most(k, preferred)
+
+
 def absmax(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
     """max |x| over the elements that share one scale (see module docstring for shapes)."""
     ax = x.detach().abs().float()

@@ -191,6 +191,11 @@ class Scheme:
                 chosen = ls
         return chosen
 
+    def with_ignore(self, patterns: tuple[str, ...]) -> "Scheme":
+        """The scheme with ``patterns`` added to its ignore list."""
+        return Scheme(self.name, self.default, dict(self.overrides), tuple(self.ignore) + tuple(patterns),
+                      self.description)
+
     def with_overrides(self, overrides: dict[str, LayerScheme], name: str | None = None) -> "Scheme":
         merged = dict(self.overrides)
         merged.update(overrides)

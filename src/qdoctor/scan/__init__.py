@@ -8,7 +8,8 @@
 See docs/scan.md for the report schema (``qdoctor.scan/1``) and how verdicts are decided.
 """
 
-from qdoctor.scan.config import ScanConfig, Thresholds, group_size_for
+from qdoctor.quant.scales import group_size_for
+from qdoctor.scan.config import ScanConfig, Thresholds
 from qdoctor.scan.findings import (
     ACTIVATION_SPIKE,
     BOTH,

@@ -1,10 +1,10 @@
 """Per-linear-input recording during a streamed block forward (one block at a time).
 
-A ``InputRecorder`` is a forward pre-hook on one linear layer. For every batch X (B, L, K) of
-whole calibration samples it folds in, as running reductions:
+An ``InputRecorder`` is a forward pre-hook on one linear layer; it *is* the calibration
+recorder (``calib.observers.LinearInputStats``: ``channel_absmax``, ``token_absmax`` and the
+uniform ``sample_rows`` sample, by the same code, so the scan's statistics are the calibration
+statistics) and adds, for every batch X (B, L, K) of whole calibration samples:
 
-- ``channel_absmax[k] = max_t |X[t, k]|`` and ``token_absmax[i, t] = max_k |X_i[t, k]|``
-  (exactly what ``calib.observers.LinearInputStats`` keeps, over every calibration token);
 - the rows of the **error subsample**, a stratified sample of tokens:
   * every *spike* token — token absmax > ``spike_factor`` × the median token absmax of its
     sample — up to ``max_spike_rows`` (beyond that a seeded uniform subset of them);
@@ -32,17 +32,16 @@ def uniform_token_mask(n_samples: int, seqlen: int, n_tokens: int, seed: int) ->
     return mask.view(n_samples, seqlen)
 
 
-class InputRecorder:
-    """Forward pre-hook that records one linear layer's input statistics and error subsample."""
+class InputRecorder(LinearInputStats):
+    """Forward pre-hook: the calibration statistics of one linear input (``LinearInputStats``,
+    with ``sample_rows`` uniform rows seeded by ``rows_seed``) plus the scan's error subsample."""
 
     def __init__(self, in_features: int, uniform_mask: torch.Tensor, spike_factor: float,
-                 max_spike_rows: int, seed: int = 0):
-        self.in_features = in_features
+                 max_spike_rows: int, seed: int = 0, sample_rows: int = 0, rows_seed: int = 0):
+        super().__init__(in_features=in_features, sample_rows=sample_rows, seed=rows_seed)
         self.uniform_mask = uniform_mask
         self.spike_factor = spike_factor
         self.max_spike_rows = max_spike_rows
-        self.channel_absmax = torch.zeros(in_features, dtype=torch.float32)
-        self._token_rows: list[torch.Tensor] = []
         self.samples_seen = 0
         # Non-spike rows of the uniform sample.
         self._u_rows: list[torch.Tensor] = []
@@ -53,26 +52,26 @@ class InputRecorder:
         self._s_sample: torch.Tensor | None = None
         self._s_keys: torch.Tensor | None = None
         self.spike_tokens = 0
-        self._gen = torch.Generator().manual_seed(seed + 1)
+        self._spike_gen = torch.Generator().manual_seed(seed + 1)
         self.last_input: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, _module, args) -> None:
-        x = args[0].detach()
         self.last_input = args[0]  # consumers sharing this input check identity against it
+        self.update(args[0])
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """``LinearInputStats.update``, then the error subsample of the batch."""
+        tok = super().update(x)  # (B, L) per-token maxima of this batch
+        x = x.detach()
         if x.dim() == 2:
             x = x.unsqueeze(0)
-        # Reductions run where x is (the GPU for big models); only (B, L) maxima, the channel
-        # maxima and the selected rows come to the CPU.
+        # Reductions run where x is (the GPU for big models); only the selected rows come to the CPU.
         x = x.reshape(-1, x.shape[-2], x.shape[-1])
         b, l, k = x.shape
         s0 = self.samples_seen
         self.samples_seen += b
-        ax = x.abs()
-        tok = ax.amax(dim=-1).float().cpu()  # (B, L)
-        self.channel_absmax = torch.maximum(self.channel_absmax, ax.amax(dim=(0, 1)).float().cpu())
-        del ax
-        self._token_rows.append(tok)
         median = tok.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
         spike = tok > self.spike_factor * median
         sample_idx = torch.arange(s0, s0 + b).view(b, 1).expand(b, l)
@@ -84,7 +83,7 @@ class InputRecorder:
         if n_spike and self.max_spike_rows > 0:
             self.spike_tokens += n_spike
             rows, samp = x[spike.to(x.device)].float().cpu(), sample_idx[spike]
-            keys = torch.rand(n_spike, generator=self._gen)
+            keys = torch.rand(n_spike, generator=self._spike_gen)
             if self._s_rows is not None:
                 rows = torch.cat([self._s_rows, rows])
                 samp = torch.cat([self._s_sample, samp])
@@ -95,13 +94,6 @@ class InputRecorder:
             self._s_rows, self._s_sample, self._s_keys = rows, samp, keys
         elif n_spike:
             self.spike_tokens += n_spike
-
-    @property
-    def token_absmax(self) -> torch.Tensor:
-        """(N, L) per-token max |x| over channels."""
-        if len(self._token_rows) != 1:
-            self._token_rows = [torch.cat(self._token_rows, dim=0)]
-        return self._token_rows[0]
 
     def spike_rows(self) -> torch.Tensor:
         return self._s_rows if self._s_rows is not None else torch.zeros(0, self.in_features)
@@ -120,8 +112,11 @@ class InputRecorder:
         return torch.cat([u_rows, s_rows]), torch.cat([u_samp, s_samp]), weights, is_spike
 
     def to_linear_input_stats(self) -> LinearInputStats:
-        """The calibration statistics ``qdoctor.quantize`` needs for static scales."""
-        return LinearInputStats.from_tensors(self.channel_absmax, self.token_absmax)
+        """The calibration statistics alone (``qdoctor.quantize``, smoothing, the plan search),
+        without the error subsample."""
+        out = LinearInputStats.from_tensors(self.channel_absmax, self.token_absmax)
+        out.sample_rows, out.seed, out.rows = self.sample_rows, self.seed, self.rows
+        return out
 
 
 class SharedInputCheck:

@@ -24,9 +24,16 @@ from dataclasses import asdict, dataclass, field, fields
 
 from qdoctor.calib.collect import CalibrationConfig
 from qdoctor.errors import QDoctorError
-from qdoctor.quant.scales import largest_divisor_at_most
+
 
 SENSITIVITY_MODES = ("layer", "projection")
+
+# Group sizes tried for a layer whose per-channel weights lose too much (scan: ``group_errors``;
+# fix: the coarsest that meets the threshold), coarsest first.
+GROUP_CANDIDATES = (128, 64, 32, 16)
+# The plan search keeps a layer out of INT8 only above this spike ratio: twice the scan's flag
+# (``Thresholds.spike_ratio``), since keeping costs a GEMM off the INT8 path (docs/fix.md).
+FIX_SPIKE_MIN_RATIO = 20.0
 
 
 @dataclass(frozen=True)
@@ -117,8 +124,3 @@ class ScanConfig:
         if thr is not None:
             kwargs["thresholds"] = Thresholds.from_dict(thr)
         return cls(**kwargs)
-
-
-def group_size_for(k: int, preferred: int = 128) -> int:
-    """g = ``preferred`` when it divides K, else the largest divisor of K below it (K = 576 → 96)."""
-    return preferred if k % preferred == 0 else largest_divisor_at_most(k, preferred)

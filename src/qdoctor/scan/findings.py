@@ -88,6 +88,7 @@ class LayerFinding:
     verdict: str = OK
     reasons: list[str] = field(default_factory=list)
     sensitivity: dict[str, float] | None = None  # {"ppl": …, "delta_pct": …} when measured
+    group_errors: dict[str, float] | None = None  # {"128": e, "64": …}: per-group weight errors, weight-error layers
 
     @property
     def weight_outlier(self) -> bool:
@@ -136,6 +137,7 @@ class ScanReport:
     timing: dict[str, float] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     qdoctor_version: str = ""
+    statistics: str | None = None  # the calibration statistics saved beside the JSON (file name), if any
 
     def layer(self, name: str) -> LayerFinding:
         for f in self.layers:
@@ -158,6 +160,7 @@ class ScanReport:
             "sensitivity": self.sensitivity,
             "timing": self.timing,
             "environment": self.environment,
+            "statistics": self.statistics,
         }
 
     @classmethod
@@ -168,4 +171,4 @@ class ScanReport:
         return cls(model=d["model"], config=d["config"], layers=[LayerFinding.from_dict(x) for x in d["layers"]],
                    summary=ScanSummary.from_dict(d["summary"]), sensitivity=d.get("sensitivity"),
                    timing=d.get("timing", {}), environment=d.get("environment", {}),
-                   qdoctor_version=d.get("qdoctor_version", ""))
+                   qdoctor_version=d.get("qdoctor_version", ""), statistics=d.get("statistics"))

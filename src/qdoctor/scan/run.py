@@ -18,15 +18,17 @@ import torch.nn.functional as F
 
 from qdoctor.calib.collect import CalibrationStats, calibration_windows
 from qdoctor.errors import QDoctorError
-from qdoctor.models.lazy import is_lazy
-from qdoctor.models.registry import arch_for, get_blocks
+from qdoctor.models.registry import arch_for, bos_token_id, get_blocks
 from qdoctor.models.streaming import stream_blocks
 from qdoctor.quant.fake import fake_quantize, row_slices
 from qdoctor.quant.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from qdoctor.quant.scales import scale_from_absmax
 from qdoctor.quant.spec import QuantSpec
 from qdoctor.scan.collect import InputRecorder, SharedInputCheck, uniform_token_mask
-from qdoctor.scan.config import ScanConfig, Thresholds, group_size_for
+from qdoctor.quant.scales import group_size_for
+from qdoctor.scan.config import GROUP_CANDIDATES
+from qdoctor.scan.config import ScanConfig, Thresholds
+from qdoctor.scan.sensitivity import measure_sensitivity
 from qdoctor.scan.findings import (
     ACT_DTYPES,
     ACT_MODES,
@@ -57,6 +59,7 @@ from qdoctor.stats.spikes import (
     spike_token_ids,
     token_absmax_by_position,
 )
+from qdoctor.text import index_ranges
 from qdoctor.stats.weights import input_dim_absmax, top_outlier_dims
 
 def scan(model, tokenizer, config: ScanConfig | None = None, input_ids: torch.Tensor | None = None) -> ScanReport:
@@ -79,13 +82,8 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
     t0 = time.perf_counter()
     arch = arch_for(model)
     blocks = get_blocks(model, arch)
-    bos = tokenizer.bos_token_id if arch.needs_bos else None
-    if arch.needs_bos and bos is None:
-        raise QDoctorError(f"{arch.family} needs <bos> but the tokenizer has no bos_token_id")
+    bos = bos_token_id(model, tokenizer)
     cal = config.calibration
-    if config.sensitivity and is_lazy(model):
-        raise QDoctorError("--sensitivity quantizes the whole model per layer; it is not available with "
-                           "--stream (block-streamed models)")
     config_dict = config.to_dict()
     if input_ids is None:
         input_ids = calibration_windows(tokenizer, cal, bos_id=bos)
@@ -99,7 +97,7 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
     layer_stats = {}
     token_text = _TokenText(tokenizer)
 
-    groups = input_groups(arch, model.config)
+    groups = arch.input_groups(model.config)
     clock = {"forward": 0.0, "findings": 0.0}  # block forwards (with recording hooks) vs statistics/errors
 
     def _block_findings(i, block, groups, recorders, block_findings):
@@ -111,7 +109,8 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
                 name = f"{arch.blocks}.{i}.{rel}"
                 block_findings[rel] = layer_finding(name, i, rel, block.get_submodule(rel).weight, rec, input_ids,
                                                     config, token_text, sub)
-            layer_stats.update({f"{arch.blocks}.{i}.{rel}": rec.to_linear_input_stats() for rel in group})
+            shared = rec.to_linear_input_stats()  # one object for the consumers of one input, as calibrate()
+            layer_stats.update({f"{arch.blocks}.{i}.{rel}": shared for rel in group})
 
     def on_block(i, block, inputs):
         recorders: dict[str, InputRecorder] = {}
@@ -119,7 +118,7 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
         for group in groups:
             owner = block.get_submodule(group[0])
             rec = InputRecorder(owner.in_features, umask, config.spike_factor, config.max_spike_rows,
-                                seed=cal.seed + i)
+                                seed=cal.seed + i, sample_rows=cal.sample_rows, rows_seed=cal.seed)
             handles.append(owner.register_forward_pre_hook(rec))
             for rel in group:
                 recorders[rel] = rec
@@ -145,8 +144,6 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
     stats = CalibrationStats(layers=layer_stats, input_ids=input_ids, config=cal)
     sensitivity = None
     if config.sensitivity:
-        from qdoctor.scan.sensitivity import measure_sensitivity
-
         sensitivity = measure_sensitivity(model, tokenizer, findings, stats, config)
     report = ScanReport(
         model=model_info(model, arch, len(blocks)),
@@ -210,20 +207,6 @@ def _r(v: float, digits: int = 4) -> float:
     """Round to ``digits`` significant digits (keeps the JSON small and readable)."""
     v = float(v)
     return float(f"{v:.{digits}g}") if v == v and abs(v) != float("inf") else v
-
-
-def input_groups(arch, model_config) -> list[tuple[str, ...]]:
-    """The block's linears grouped by shared input: the consumers of one norm (q/k/v, gate/up)
-    see the same tensor, so it is recorded once; every other linear is its own group."""
-    groups, seen = [], set()
-    for pair in arch.pairs_for(model_config):
-        if pair.kind == "norm":
-            members = tuple(c for c in pair.consumers if c in arch.linears and c not in seen)
-            if members:
-                groups.append(members)
-                seen.update(members)
-    groups += [(rel,) for rel in arch.linears if rel not in seen]
-    return groups
 
 
 class ErrorSample:
@@ -410,8 +393,28 @@ def layer_finding(name: str, block: int, rel: str, weight: torch.Tensor, rec: In
     finding = LayerFinding(name=name, block=block, projection=rel.rsplit(".", 1)[-1], in_features=k,
                            out_features=n_out, weight=wstats, activation=astats,
                            errors={key: _r(v) for key, v in errors.items()}, spike_ratio=_r(ratio))
+    if errors["out_w_channel"] > config.thresholds.weight_error:  # what per-group weights would need
+        finding.group_errors = {str(gs): _r(e) for gs, e in group_errors(w, sample, GROUP_CANDIDATES).items()}
     finding.verdict, finding.reasons = classify(finding, config.thresholds)
     return finding
+
+
+def group_errors(w: torch.Tensor, sample: ErrorSample, candidates: tuple[int, ...]) -> dict[int, float]:
+    """{g: INT8 per-group(g) weight output error} for the group sizes among ``candidates`` that
+    divide K (the largest divisor below the smallest candidate when none does), on the error
+    subsample: ‖X (Q_g(W) − W)ᵀ‖ / ‖X Wᵀ‖ with row weights, through the input's Gram matrix
+    G = Xᵀ diag(w) X (``gram_sq_norm``), W in row blocks."""
+    k = w.shape[1]
+    sizes = sorted({g for g in candidates if k % g == 0} or {group_size_for(k, min(candidates))}, reverse=True)
+    gram = sample.gram()
+    num = dict.fromkeys(sizes, 0.0)
+    ref = 0.0
+    for r in row_slices(*w.shape):
+        wc = w[r].float()
+        ref += gram_sq_norm(wc, gram)
+        for g in sizes:
+            num[g] += gram_sq_norm(fake_quantize(wc, QuantSpec("int8", PerGroup(g))).sub_(wc), gram)
+    return {g: (max(num[g], 0.0) / ref) ** 0.5 if ref > 0 else 0.0 for g in sizes}
 
 
 def classify(f: LayerFinding, t: Thresholds) -> tuple[str, list[str]]:
@@ -442,18 +445,6 @@ def classify(f: LayerFinding, t: Thresholds) -> tuple[str, list[str]]:
     return verdict, reasons
 
 
-def _ranges(blocks: list[int]) -> str:
-    """[0, 1, 2, 3, 7, 9, 10] → "0–3, 7, 9, 10" (runs of three or more become ranges)."""
-    out, i = [], 0
-    while i < len(blocks):
-        j = i
-        while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
-            j += 1
-        out += [f"{blocks[i]}–{blocks[j]}"] if j - i >= 2 else [str(b) for b in blocks[i:j + 1]]
-        i = j + 1
-    return ", ".join(out)
-
-
 def _layer_list(findings: list[LayerFinding]) -> str:
     """"layers 11, 28, 29 down_proj; layers 0–2 q_proj/k_proj": projections sharing the same
     blocks are merged; groups in order of first block."""
@@ -466,7 +457,7 @@ def _layer_list(findings: list[LayerFinding]) -> str:
     parts = []
     for blocks, projs in sorted(by_blocks.items(), key=lambda kv: kv[0]):
         word = "layer" if len(blocks) == 1 else "layers"
-        parts.append(f"{word} {_ranges(list(blocks))} {'/'.join(projs)}")
+        parts.append(f"{word} {index_ranges(blocks, sep=', ', dash='–', min_run=3)} {'/'.join(projs)}")
     return "; ".join(parts)
 
 

@@ -4,7 +4,10 @@ everything else left in full precision, on the first ``sensitivity_windows`` win
 ``sensitivity_source`` (WikiText-2 *valid* by default, so choosing layers by it never touches
 the test split).
 
-Cost: one perplexity run per layer (210 on SmolLM2) or per projection type (7): off by default.
+Each run is ``Recipe.perplexity`` (the block pipeline: the chosen layers quantized as their
+block is opened, put back when it is closed), so a block-streamed model is measured the same
+way. Cost: one perplexity run per layer (210 on SmolLM2) or per projection type (7): off by
+default.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ import time
 
 from tqdm.auto import tqdm
 
+import torch.nn as nn
+
 from qdoctor.calib.text import text_source
 from qdoctor.eval.perplexity import perplexity, token_windows
-from qdoctor.models.registry import arch_for
-from qdoctor.quant.apply import quantize, restore
+from qdoctor.models.registry import bos_token_id
+from qdoctor.policy.recipe import Recipe
 from qdoctor.quant.spec import Scheme, get_scheme
 
 
@@ -30,12 +35,9 @@ def _only(scheme: Scheme, targets: list[str], all_layers: list[str]) -> Scheme:
 
 def measure_sensitivity(model, tokenizer, findings, calibration, config) -> dict:
     """Fill ``finding.sensitivity`` (layer mode) and return the report's ``sensitivity`` section."""
-    import torch.nn as nn
-
     t0 = time.perf_counter()
-    arch = arch_for(model)
-    bos = tokenizer.bos_token_id if arch.needs_bos else None
-    windows = token_windows(tokenizer, text_source(config.sensitivity_source), config.sensitivity_seqlen, bos)
+    windows = token_windows(tokenizer, text_source(config.sensitivity_source), config.sensitivity_seqlen,
+                            bos_token_id(model, tokenizer))
     windows = windows[: config.sensitivity_windows]
     scheme = get_scheme(config.sensitivity_scheme)
     all_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -49,11 +51,8 @@ def measure_sensitivity(model, tokenizer, findings, calibration, config) -> dict
     results = {}
     for key, names in tqdm(targets.items(), desc="sensitivity", unit=config.sensitivity, leave=False,
                            disable=not config.progress):
-        quantize(model, _only(scheme, names, all_linear), calibration=calibration, progress=False)
-        try:
-            ppl = perplexity(model, tokenizer, windows=windows, progress=False).ppl
-        finally:
-            restore(model)
+        only = Recipe(scheme=_only(scheme, names, all_linear), calibration=calibration.config)
+        ppl = only.perplexity(model, tokenizer, windows, calibration)[0].ppl
         results[key] = {"ppl": round(ppl, 4), "delta_pct": round(100.0 * (ppl / base - 1.0), 3), "layers": len(names)}
     by_name = {f.name: f for f in findings}
     for key, r in results.items():

@@ -31,6 +31,7 @@ import torch
 
 from qdoctor.errors import QDoctorError
 from qdoctor.models.registry import arch_for, get_blocks
+from qdoctor.quant.fake import fake_quantize
 from qdoctor.transforms.fold import fold_scales
 
 METHODS = ("smoothquant", "bismooth-max", "bismooth-median")
@@ -103,15 +104,11 @@ class SmoothingReport:
 
 def _pair_error(stats_list, weights, specs, s: torch.Tensor) -> float:
     """Σ over consumers of the output error after smoothing by S (see module docstring)."""
-    from qdoctor.stats.quant_error import output_rel_error
-
-    from qdoctor.quant.fake import fake_quantize
-
     total = 0.0
     for st, w, ls in zip(stats_list, weights, specs):
         dev = w.device
         sf = s.float().to(dev)
-        x = st.rows.to(dev)
+        x = st.rows.to(dev).float()
         xs = x / sf
         ws = w.detach().float() * sf
         a = ls.activations
@@ -192,6 +189,7 @@ def smooth_block(config, arch, b: int, block, stats, step: SmoothingStep, scheme
         fold_scales(block, arch, pair, s)
         for n, w in zip(names, weights):
             report.weight_absmax_after[n] = float(w.detach().abs().max())
-            stats[n].rescale_channels(1.0 / s.cpu())
+        for st in {id(stats[n]): stats[n] for n in names}.values():  # consumers may share one object
+            st.rescale_channels(1.0 / s.cpu())
         report.pairs += 1
     return report

@@ -60,6 +60,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qdoctor.errors import QDoctorError
+from qdoctor.models.streaming import require_resident
 
 PREFIX, PAD = -1, -2  # branch ids: tokens every branch of the item sees; padding
 
@@ -255,6 +256,7 @@ class LoglikelihoodScorer:
                  pad_id: int = 0, progress: bool = True):
         if batch_size < 1:
             raise QDoctorError(f"batch_size must be at least 1, got {batch_size}")
+        require_resident(model, "zero-shot scoring")  # variable-length requests run the whole model
         self.model = model
         self.batch_size = batch_size
         self.max_length = max_length
