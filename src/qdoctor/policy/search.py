@@ -98,9 +98,10 @@ class FixConfig:
 
     def scan_config(self, progress: bool = True) -> ScanConfig:
         """The scan the search's evidence comes from: this calibration, the search's weight-error
-        threshold (so every layer above it gets its per-group errors) and group size."""
+        threshold (so every layer above it gets its per-group errors) and group size; weight-side
+        errors only (the search reads no activation error). A full scan serves as well."""
         return ScanConfig(calibration=self.calibration, thresholds=Thresholds(weight_error=self.weight_error_threshold),
-                          group_size=self.group_size, progress=progress)
+                          group_size=self.group_size, activation_errors=False, progress=progress)
 
     @property
     def metric_spec(self) -> MetricSpec:

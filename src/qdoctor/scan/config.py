@@ -88,6 +88,7 @@ class ScanConfig:
     sensitivity_source: str = "wikitext2:valid"
     sensitivity_windows: int = 2
     sensitivity_seqlen: int = 512
+    activation_errors: bool = True  # False: weight-side errors only (what the plan search reads)
     progress: bool = True
 
     def __post_init__(self):

@@ -104,7 +104,8 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
         for group in groups:
             rec = recorders[group[0]]
             rec.last_input = None
-            sub = ErrorSample.from_recorder(rec, device=block.get_submodule(group[0]).weight.device)
+            sub = ErrorSample.from_recorder(rec, device=block.get_submodule(group[0]).weight.device,
+                                            activation_errors=config.activation_errors)
             for rel in group:
                 name = f"{arch.blocks}.{i}.{rel}"
                 block_findings[rel] = layer_finding(name, i, rel, block.get_submodule(rel).weight, rec, input_ids,
@@ -219,13 +220,14 @@ class ErrorSample:
     six variants of a 28672-wide input from sitting in memory together)."""
 
     def __init__(self, rows: torch.Tensor, samples: torch.Tensor, row_weights: torch.Tensor, is_spike: torch.Tensor,
-                 tensor_absmax: float, sequence_absmax: torch.Tensor, device=None):
+                 tensor_absmax: float, sequence_absmax: torch.Tensor, device=None, activation_errors: bool = True):
         device = torch.device(device) if device is not None else rows.device
         self.x = rows.to(device).float()
         self.row_weights = row_weights.to(device)
         self.is_spike = is_spike.to(device)
         self._gram: torch.Tensor | None = None
-        self.keys = [f"{mode}_{dtype}" for dtype in ACT_DTYPES for mode in ACT_MODES]
+        # the activation variants measured (none when only weight errors are asked for)
+        self.keys = [f"{mode}_{dtype}" for dtype in ACT_DTYPES for mode in ACT_MODES] if activation_errors else []
         self._quant: dict[str, tuple[QuantSpec, torch.Tensor | None]] = {}
         seq = sequence_absmax[samples].view(-1, 1).float().to(device)
         for dtype in ACT_DTYPES:
@@ -271,11 +273,11 @@ class ErrorSample:
         return self._gram
 
     @classmethod
-    def from_recorder(cls, rec: InputRecorder, device=None) -> "ErrorSample":
+    def from_recorder(cls, rec: InputRecorder, device=None, activation_errors: bool = True) -> "ErrorSample":
         """The recorder's subsample, built on ``device`` (default: where the rows are)."""
         rows, samples, weights, is_spike = rec.error_rows()
         return cls(rows, samples, weights, is_spike, float(rec.channel_absmax.max()), rec.token_absmax.amax(dim=1),
-                   device=device)
+                   device=device, activation_errors=activation_errors)
 
 
 def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple[dict[str, float], dict[str, float]]:
@@ -305,17 +307,19 @@ def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple
 
     # Activation side, per row: reference ‖y_t‖² and every variant's ‖e_t‖².
     # One variant's Q(X) − X at a time (``ErrorSample.delta``), so at most one T × K delta is alive.
-    if n_out * k * k + (len(keys) + 1) * t * k * k < (len(keys) + 1) * t * k * n_out:
+    # the way is chosen for the full set of variants, so a weights-only scan gets the same numbers
+    variants = len(ACT_DTYPES) * len(ACT_MODES) + 1
+    if n_out * k * k + variants * t * k * k < variants * t * k * n_out:
         h = sum(wc.T @ wc for wc in row_blocks())
         y_sq = rows_quadratic_form(x, h)
-        e_sq = torch.stack([rows_quadratic_form(sample.delta(key), h) for key in keys])
+        e_sq = [rows_quadratic_form(sample.delta(key), h) for key in keys]
         del h
     else:
         def sq_norms(inp: torch.Tensor) -> torch.Tensor:
             return sum(row_sq_norms(F.linear(inp, wc)) for wc in row_blocks())
 
         y_sq = sq_norms(x)
-        e_sq = torch.stack([sq_norms(sample.delta(key)) for key in keys])
+        e_sq = [sq_norms(sample.delta(key)) for key in keys]
     y_total = float((y_sq * rw).sum())
     # Weight side: only weighted totals are needed.
     use_gram = (0 if sample.has_gram else t * k * k) + 3 * n_out * k * k < 3 * t * k * n_out
@@ -345,7 +349,8 @@ def layer_errors(w: torch.Tensor, sample: ErrorSample, group_size: int) -> tuple
             per_token = (e_sq[j][normal].clamp_min(0) / y_sq[normal].clamp_min(1e-30)).sqrt()
             typical[key] = float(per_token.median())
     out.update(sample.act_errors)
-    return {key: out[key] for key in ERROR_KEYS}, typical
+    # activation keys are NaN when the sample measured no activation variants (weights-only scan)
+    return {key: out.get(key, float("nan")) for key in ERROR_KEYS}, typical
 
 
 
@@ -371,7 +376,8 @@ def layer_finding(name: str, block: int, rel: str, weight: torch.Tensor, rec: In
     tids = spike_token_ids(ta, ids, factor)
     by_max, by_med = token_absmax_by_position(ta)
     ch_vals, ch_idx = rec.channel_absmax.topk(min(config.top_dims, k))
-    sample = (sample or ErrorSample.from_recorder(rec, device=w.device)).to(w.device)
+    sample = (sample or ErrorSample.from_recorder(rec, device=w.device,
+                                                  activation_errors=config.activation_errors)).to(w.device)
     errors, typical = layer_errors(w, sample, g)
     ratio = spike_ratio(ta)
     astats = ActivationStats(
