@@ -91,7 +91,7 @@ def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names:
         mod = modules.get(name)
         if mod is None:
             raise QDoctorError(f"model has no module {name!r}")
-        stats[name] = LinearInputStats(in_features=mod.in_features, sample_rows=sample_rows, seed=seed)
+        stats[name] = LinearInputStats(in_features=mod.in_features, sample_rows=sample_rows, seed=seed, name=name)
 
         def hook(_m, args, _s=stats[name]):
             _s.update(args[0])
@@ -122,6 +122,9 @@ def calibrate(model: nn.Module, tokenizer, config: CalibrationConfig | None = No
     config = config or CalibrationConfig()
     arch = arch_for(model)
     names = layer_names or block_linear_names(model, arch)
+    from qdoctor.models.loading import check_context
+
+    check_context(model, config.seqlen, "calibration seqlen")
     bos = tokenizer.bos_token_id if arch.needs_bos else None
     ids = calibration_windows(tokenizer, config, bos_id=bos)
     stats = collect_linear_stats(model, ids, names, config.batch_size, sample_rows=config.sample_rows,

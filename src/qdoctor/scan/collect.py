@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from qdoctor.calib.observers import LinearInputStats
+from qdoctor.calib.observers import LinearInputStats, check_finite_input
 
 
 def uniform_token_mask(n_samples: int, seqlen: int, n_tokens: int, seed: int) -> torch.Tensor:
@@ -36,8 +36,9 @@ class InputRecorder:
     """Forward pre-hook that records one linear layer's input statistics and error subsample."""
 
     def __init__(self, in_features: int, uniform_mask: torch.Tensor, spike_factor: float,
-                 max_spike_rows: int, seed: int = 0):
+                 max_spike_rows: int, seed: int = 0, name: str = ""):
         self.in_features = in_features
+        self.name = name
         self.uniform_mask = uniform_mask
         self.spike_factor = spike_factor
         self.max_spike_rows = max_spike_rows
@@ -70,7 +71,9 @@ class InputRecorder:
         self.samples_seen += b
         ax = x.abs()
         tok = ax.amax(dim=-1).float().cpu()  # (B, L)
-        self.channel_absmax = torch.maximum(self.channel_absmax, ax.amax(dim=(0, 1)).float().cpu())
+        batch_max = ax.amax(dim=(0, 1)).float().cpu()
+        check_finite_input(batch_max, self.name)
+        self.channel_absmax = torch.maximum(self.channel_absmax, batch_max)
         del ax
         self._token_rows.append(tok)
         median = tok.median(dim=-1, keepdim=True).values.clamp_min(1e-12)
