@@ -62,3 +62,55 @@ def st_header(path: Path) -> tuple[int, dict]:
     raw = path.read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     return n, json.loads(raw[8:8 + n])
+
+
+def write_tiny_llama_gguf(path: Path, chat_template: str | None = None, name: str | None = None) -> Path:
+    """The tiny random Llama (tests/helpers.py) as a complete GGUF file (f32 tensors, the tiny
+    BPE tokenizer as a gpt2-style vocabulary), loadable by transformers."""
+    import gguf
+
+    from helpers import tiny_model, tiny_tokenizer
+
+    m, tok = tiny_model("llama"), tiny_tokenizer()
+    c = m.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    if name is not None:
+        w.add_name(name)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(c.vocab_size)
+    tj = json.loads(tok.backend_tokenizer.to_str())
+    vocab = tj["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges([mg if isinstance(mg, str) else " ".join(mg) for mg in tj["model"]["merges"]])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_pad_token_id(2)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
+    sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        for hf, gg in names.items():
+            w.add_tensor(f"blk.{i}.{gg}.weight", sd[f"model.layers.{i}.{hf}.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
