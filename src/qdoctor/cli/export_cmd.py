@@ -81,7 +81,11 @@ def run(args) -> int:
     if args.json:
         from qdoctor.io import atomic_write_json
 
+        _, _, cal = plan_parts(plan, args)  # the calibration sampler's seed (None: no calibration)
         atomic_write_json(args.json, {**report.to_dict(), "model": args.model,
+                                      "calibration": None if cal is None else {"n_samples": cal.n_samples, "seqlen":
+                                                                               cal.seqlen, "source": cal.source,
+                                                                               "seed": cal.seed},
                                       "wall_seconds": round(time.perf_counter() - t0, 1)})
         say(f"wrote {args.json}")
     return 0

@@ -83,6 +83,9 @@ class Recipe:
     def from_dict(cls, d: dict) -> "Recipe":
         if not isinstance(d, dict) or "scheme" not in d:
             raise QDoctorError("a recipe is a mapping with at least a 'scheme'")
+        from qdoctor.quant.schemefile import check_recipe_dict
+
+        check_recipe_dict(d)  # types (issue 18: never a TypeError from a malformed file)
         version = d.get("qdoctor_recipe", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise QDoctorError(f"recipe version {version} is not supported (this qdoctor reads {RECIPE_VERSION})")
@@ -111,14 +114,9 @@ def _uses_percentile(scheme: Scheme) -> bool:
 
 
 def load_recipe(path: str) -> Recipe:
-    p = Path(path)
-    if not p.is_file():
-        raise QDoctorError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise QDoctorError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-    return Recipe.from_dict(data)
+    from qdoctor.quant.schemefile import read_plan_data
+
+    return Recipe.from_dict(read_plan_data(path, "recipe", yaml_always=True))  # YAML is a superset of JSON
 
 
 def save_recipe(recipe: Recipe, path: str) -> None:
