@@ -414,10 +414,10 @@ def test_full_disk_during_export_checkpoint(tiny_llama_dir, tmp_path, capsys, mo
 # --- numbers on the command line ----------------------------------------------------------------
 
 @pytest.mark.parametrize("argv,needle", [
-    (["fix", "--budget", "-3%"], "bad budget '-3%': it must be a finite percentage ≥ 0%"),
-    (["fix", "--budget", "-0.5"], "bad budget '-0.5'"),
-    (["fix", "--max-layers", "-5%"], "bad budget '-5%'"),
-    (["fix", "--budget", "nan%"], "bad budget 'nan%'"),
+    (["fix", "--budget", "-3%"], "the budget must be ≥ 0%"),
+    (["fix", "--budget", "-0.5"], "the budget must be ≥ 0%"),
+    (["fix", "--max-layers", "-5%"], "the budget must be ≥ 0%"),
+    (["fix", "--budget", "nan%"], "bad budget 'nan%': use a finite percentage"),
 ])
 def test_negative_numbers_reach_their_parser(tiny_llama_dir, capsys, argv, needle):
     refused([*argv, "--model", tiny_llama_dir], needle, capsys)

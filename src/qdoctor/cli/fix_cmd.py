@@ -18,8 +18,10 @@ def parse_percent(text: str) -> float:
         v = float(t)
     except ValueError:
         raise QDoctorError(f"bad budget {text!r}: use a percentage such as 1% or 0.5") from None
-    if not math.isfinite(v) or v < 0:
-        raise QDoctorError(f"bad budget {text!r}: it must be a finite percentage ≥ 0%")
+    if not math.isfinite(v):
+        raise QDoctorError(f"bad budget {text!r}: use a finite percentage such as 1% or 0.5")
+    if v < 0:
+        raise QDoctorError("the budget must be ≥ 0%")
     return v
 
 
@@ -37,8 +39,10 @@ def parse_points(text: str) -> float:
         v = float(t)
     except ValueError:
         raise QDoctorError(f"bad budget {text!r}: use accuracy points such as 1 or 0.5pt") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise QDoctorError(f"bad budget {text!r}: it must be a finite number of points ≥ 0")
+    if not math.isfinite(v):
+        raise QDoctorError(f"bad budget {text!r}: use finite accuracy points such as 1 or 0.5pt")
+    if not v >= 0:
+        raise QDoctorError("the budget must be ≥ 0 points")
     return v
 
 
