@@ -77,11 +77,11 @@ def _command_defaults(parser: argparse.ArgumentParser, command: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(join_negative_values(parser, argv))
-    args.qdoctor_defaults = _command_defaults(parser, args.command)
-    try:
+    try:  # a Ctrl-C while the sub-commands are imported is an interrupt too, not a traceback
+        parser = build_parser()
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = parser.parse_args(join_negative_values(parser, argv))
+        args.qdoctor_defaults = _command_defaults(parser, args.command)
         return int(args.func(args) or 0)
     except QDoctorError as e:
         print(f"qdoctor: error: {e}", file=sys.stderr)
