@@ -1,16 +1,28 @@
 """Atomic output: write to a temporary file in the target's directory, then rename.
 
-A crash or a Ctrl-C never leaves a half-written file behind."""
+A crash or a Ctrl-C never leaves a half-written file behind: the target holds either its old
+content or the complete new one. A full or read-only disk is a ``QDoctorError`` naming the file
+(nothing is written). A temporary left by a killed run (``kill -9``: no cleanup can run) carries
+its process id, ``.<name>.<pid>.XXXX.tmp``, and is removed, with a note, by the next write of
+the same file once that process is gone (``remove_stale``).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from qdoctor.errors import QDoctorError
+
+# OSErrors that mean "this disk cannot take the output", not a bug.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
 
 
 def check_writable(path: str) -> Path:
@@ -23,13 +35,75 @@ def check_writable(path: str) -> Path:
     return p
 
 
+def disk_error(path, e: OSError, what: str = "cannot write") -> QDoctorError:
+    return QDoctorError(f"{path}: {what} ({e.strerror or e}); nothing was written")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(target: Path, kind: str = "file") -> list[Path]:
+    """Remove the temporaries of ``target`` left by runs that were killed (their pid is gone);
+    returns what was removed. ``kind``: ``file`` (``atomic_write_*``) or ``dir`` (staged exports)."""
+    if kind == "file":
+        pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[^.]+\.tmp$")
+    else:
+        pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-[^.]+$")
+    removed = []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for f in siblings:
+        m = pattern.match(f.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        if ".old-" in f.name and not target.exists():  # an old checkpoint not yet restored: keep it
+            continue
+        try:
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f)
+            else:
+                f.unlink()
+        except OSError:
+            print(f"qdoctor: note: cannot remove {f}, left by an interrupted run (pid {m.group(1)})",
+                  file=sys.stderr)
+            continue
+        print(f"qdoctor: note: removed {f}, left by an interrupted run (pid {m.group(1)})", file=sys.stderr)
+        removed.append(f)
+    return removed
+
+
 def atomic_write_bytes(path: str, data: bytes) -> Path:
     p = check_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    remove_stale(p, "file")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as e:
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(path, e) from None
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, p)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if e.errno in DISK_ERRNOS:
+            raise disk_error(path, e) from None
+        raise
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

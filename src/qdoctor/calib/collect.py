@@ -16,9 +16,10 @@ import torch.nn as nn
 
 from qdoctor.calib.observers import LinearInputStats
 from qdoctor.calib.text import CALIBRATION_SPLIT, text_source
+from qdoctor.calib.windows import prepend_bos, window_body
 from qdoctor.errors import QDoctorError
 from qdoctor.io import atomic_path
-from qdoctor.calib.windows import prepend_bos, window_body
+from qdoctor.models.loading import check_context
 from qdoctor.models.registry import arch_for, block_linear_names, bos_token_id
 from qdoctor.models.streaming import stream_blocks
 
@@ -159,7 +160,8 @@ def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names:
         owner = f"{prefix}{i}.{shared.get(rel, rel)}"
         owner = owner if owner in wanted else name
         if owner not in recorders:
-            recorders[owner] = LinearInputStats(in_features=mod.in_features, sample_rows=sample_rows, seed=seed)
+            recorders[owner] = LinearInputStats(in_features=mod.in_features, sample_rows=sample_rows, seed=seed,
+                                                name=owner)
             by_block.setdefault(int(i), []).append(owner)
         stats[name] = recorders[owner]
 
@@ -188,6 +190,7 @@ def calibrate(model: nn.Module, tokenizer, config: CalibrationConfig | None = No
     ``block_transform`` as ``collect_linear_stats``'."""
     config = config or CalibrationConfig()
     names = layer_names or block_linear_names(model)
+    check_context(model, config.seqlen, "calibration seqlen")
     ids = calibration_windows(tokenizer, config, bos_id=bos_token_id(model, tokenizer))
     stats = collect_linear_stats(model, ids, names, config.batch_size, sample_rows=config.sample_rows,
                                  seed=config.seed, block_transform=block_transform)

@@ -45,6 +45,8 @@ class LinearInputStats:
     rows: torch.Tensor | None = None  # (≤ sample_rows, K) sampled token rows, in the activations' dtype
     _row_keys: torch.Tensor | None = None
     _gen: torch.Generator | None = None
+    name: str = ""  # the layer's full name, for error messages
+
 
     def __post_init__(self):
         if self.channel_absmax is None:
@@ -58,7 +60,9 @@ class LinearInputStats:
         if ax.dim() == 2:
             ax = ax.unsqueeze(0)
         ax = ax.reshape(-1, ax.shape[-2], ax.shape[-1])
-        self.channel_absmax = torch.maximum(self.channel_absmax, ax.amax(dim=(0, 1)).float().cpu())
+        batch_max = ax.amax(dim=(0, 1)).float().cpu()  # NaN propagates through amax: one check over K floats
+        check_finite_input(batch_max, self.name)
+        self.channel_absmax = torch.maximum(self.channel_absmax, batch_max)
         tok = ax.amax(dim=-1).float().cpu()
         del ax
         self._token_rows.append(tok)
@@ -137,6 +141,22 @@ class LinearInputStats:
         s = cls(in_features=channel_absmax.numel(), channel_absmax=channel_absmax.float())
         s._token_rows = [token_absmax.float()]
         return s
+
+
+def check_finite_input(channel_max: torch.Tensor, name: str) -> None:
+    """Raise a ``QDoctorError`` naming the layer (and its block) when a calibration input holds
+    NaN/Inf (``channel_max``: per-channel max |x| of one batch, where NaN/Inf propagate)."""
+    if bool(torch.isfinite(channel_max).all()):
+        return
+    parts = name.split(".")
+    block = next((f" (block {parts[i + 1]})" for i, p in enumerate(parts[:-1])
+                  if p in ("layers", "h", "blocks") and parts[i + 1].isdigit()), "")
+    n_nan = int(torch.isnan(channel_max).sum())
+    n_inf = int(torch.isinf(channel_max).sum())
+    what = " and ".join(w for w in (f"NaN in {n_nan}" if n_nan else "", f"Inf in {n_inf}" if n_inf else "") if w)
+    raise QDoctorError(f"calibration: the input of layer {name or '<unnamed>'}{block} holds {what} of its "
+                       f"{channel_max.numel()} channels; the model overflows or its weights are broken before this "
+                       "layer (try --dtype fp32, or check the checkpoint)")
 
 
 @register_observer("absmax")

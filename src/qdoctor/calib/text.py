@@ -37,8 +37,25 @@ def read_text_file(path: str) -> str:
     except UnicodeDecodeError:
         raise QDoctorError(f"{path}: not UTF-8 text") from None
     if not text.strip():
-        raise QDoctorError(f"{path}: the file is empty")
+        raise QDoctorError(f"{path}: the file is empty" if not text else f"{path}: the file holds only whitespace")
+    check_looks_like_text(text, path)
     return text
+
+
+_TEXT_CONTROLS = {"\t", "\n", "\r", "\f", "\v"}
+
+
+def check_looks_like_text(text: str, path: str) -> None:
+    """Refuse UTF-8 that is really binary data: NUL bytes, or more than 1% control characters."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise QDoctorError(f"{path}:{line}: holds a NUL byte; this looks like a binary file, not text")
+    sample = text[:1_000_000]
+    controls = sum(1 for ch in sample if ch < " " and ch not in _TEXT_CONTROLS)
+    if controls > 0.01 * len(sample):
+        raise QDoctorError(f"{path}: {controls} control characters in {len(sample)}; this looks like a binary "
+                           "file, not text")
 
 
 def text_source(name: str) -> str:

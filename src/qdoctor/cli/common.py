@@ -56,18 +56,94 @@ def positive_int(text: str) -> int:
     return v
 
 
-def load_model(args):
-    from qdoctor.models.loading import load
+# Window lengths a command may take, checked against the model's context once it is loaded.
+SEQLEN_OPTIONS = ("seqlen", "calib_seqlen", "eval_seqlen", "ppl_seqlen", "sensitivity_seqlen")
 
+
+def load_model(args):
+    from qdoctor.models.loading import check_context, load
+
+    check_out_not_model(args)
+    for dest in ("calib_source", "text"):  # a user's text file fails now, not after loading the model
+        name = getattr(args, dest, None)
+        if isinstance(name, str) and not name.startswith("wikitext2:"):
+            from qdoctor.calib.text import text_source
+
+            text_source(name)
     say(f"loading {args.model} …")
     t0 = time.perf_counter()
     stream = getattr(args, "stream", False)
     model, tok = load(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                       device_map=getattr(args, "device_map", None), stream=stream)
+    defaults = getattr(args, "qdoctor_defaults", {})
+    for dest in SEQLEN_OPTIONS:  # the ones given on the command line (a default may not be used)
+        value = getattr(args, dest, None)
+        if value is not None and (dest not in defaults or value != defaults[dest]):
+            check_context(model, value, "--" + dest.replace("_", "-"))
+    for dest, what in (("recipe", "recipe"), ("scheme_file", "scheme file")):
+        path = getattr(args, dest, None)
+        if path:  # read again (cheap): its layer names must exist in this model
+            check_plan_fits(model, _read_plan_file(path, dest), f"{path}: {what}")
     n = sum(p.numel() for p in model.parameters())
     how = "skeleton; blocks are read one at a time" if stream else "parameters"
     say(f"loaded {type(model).__name__} ({n / 1e6:.1f}M {how}) in {time.perf_counter() - t0:.1f}s")
     return model, tok
+
+
+def _read_plan_file(path: str, dest: str):
+    if dest == "recipe":
+        from qdoctor.policy.recipe import load_recipe
+
+        return load_recipe(path)
+    from qdoctor.quant.schemefile import load_scheme_file
+
+    return load_scheme_file(path)
+
+
+def check_plan_fits(model, plan, what: str = "plan") -> None:
+    """Every override glob of a scheme or recipe, and every smoothing step's layer glob, must
+    match a linear layer of ``model``: a plan written for another model (other layer names,
+    more blocks) is refused instead of being silently ignored where it does not match."""
+    import fnmatch
+
+    import torch.nn as nn
+
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    scheme = getattr(plan, "scheme", plan)
+    globs = [("override", g) for g in scheme.overrides]
+    globs += [("smoothing layer", g) for step in getattr(plan, "smoothing", []) for g in step.layers]
+    for kind, g in globs:
+        if not any(fnmatch.fnmatchcase(n, g) for n in names):
+            example = names[0] if names else "?"
+            written = getattr(plan, "model", "")
+            raise QDoctorError(f"{what}: {kind} {g!r} matches no linear layer of this model (e.g. {example!r})"
+                               + (f"; the plan was written for {written!r}" if written else "")
+                               + "; was it made for another model?")
+
+
+def check_out_not_model(args) -> None:
+    """``--out`` must not be, lie inside, or contain the model directory: an export into the
+    model's own folder mixes two checkpoints, and ``--overwrite`` of a folder above it would
+    delete the model."""
+    out = getattr(args, "out", None)
+    if not out:
+        return
+    from pathlib import Path
+
+    from qdoctor.models.loading import describe_source
+
+    info = describe_source(args.model)
+    if info["kind"] not in ("hf_dir", "builtin", "gguf"):
+        return
+    model_dir = Path(info["path"]).resolve()
+    if info["kind"] == "gguf":  # a file: only the file itself matters
+        model_dir = (model_dir / info["gguf_file"]).resolve()
+    target = Path(out).expanduser().resolve()
+    if target == model_dir or model_dir in target.parents:
+        raise QDoctorError(f"{out}: is inside the model {'directory' if info['kind'] != 'gguf' else 'file'} "
+                           f"{model_dir}; write the output somewhere else")
+    if target in model_dir.parents:
+        raise QDoctorError(f"{out}: contains the model {model_dir}; write the output somewhere else")
 
 
 def calib_config(args):

@@ -195,6 +195,7 @@ def run_tasks(args, plans) -> int:
         from qdoctor.io import atomic_write_json
 
         atomic_write_json(args.json, {"qdoctor_version": __version__, "command": "eval --tasks", "model": args.model,
+                                      "subsample": args.subsample, "task_seed": args.task_seed,  # the item sampler
                                       "rows": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
         say(f"wrote {args.json}")
     return 0

@@ -83,7 +83,11 @@ def run(args) -> int:
     if args.json:
         from qdoctor.io import atomic_write_json
 
+        cal = recipe.calibration_config() if recipe.needs_calibration else None  # the sampler's seed
         atomic_write_json(args.json, {**report.to_dict(), "model": args.model,
+                                      "calibration": None if cal is None else {"n_samples": cal.n_samples, "seqlen":
+                                                                               cal.seqlen, "source": cal.source,
+                                                                               "seed": cal.seed},
                                       "wall_seconds": round(time.perf_counter() - t0, 1)})
         say(f"wrote {args.json}")
     return 0

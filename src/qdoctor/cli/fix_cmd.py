@@ -5,6 +5,7 @@ re-applicable recipe."""
 
 from __future__ import annotations
 
+import math
 import time
 
 from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, load_model, positive_int, require_parent, say
@@ -17,6 +18,8 @@ def parse_percent(text: str) -> float:
         v = float(t)
     except ValueError:
         raise QDoctorError(f"bad budget {text!r}: use a percentage such as 1% or 0.5") from None
+    if not math.isfinite(v):
+        raise QDoctorError(f"bad budget {text!r}: use a finite percentage such as 1% or 0.5")
     if v < 0:
         raise QDoctorError("the budget must be ≥ 0%")
     return v
@@ -36,6 +39,8 @@ def parse_points(text: str) -> float:
         v = float(t)
     except ValueError:
         raise QDoctorError(f"bad budget {text!r}: use accuracy points such as 1 or 0.5pt") from None
+    if not math.isfinite(v):
+        raise QDoctorError(f"bad budget {text!r}: use finite accuracy points such as 1 or 0.5pt")
     if not v >= 0:
         raise QDoctorError("the budget must be ≥ 0 points")
     return v

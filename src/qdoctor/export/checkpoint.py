@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from qdoctor.errors import QDoctorError
@@ -394,8 +395,6 @@ class ShardWriter:
             self.pending_bytes += size
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
-
         if not self.pending:
             return
         path = self.out / f".shard-{len(self.shards):05d}.safetensors"

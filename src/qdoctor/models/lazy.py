@@ -23,7 +23,6 @@ Sources (``config``, ``name in source``, ``tensors(names, device, dtype, shapes)
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,42 +41,33 @@ class SafetensorsSource:
     """Tensors of a safetensors checkpoint directory, read on demand (memory-mapped)."""
 
     def __init__(self, path: str | Path, trust_remote_code: bool = False):
-        from safetensors import safe_open
         from transformers import AutoConfig
+
+        from qdoctor.models.loading import check_config_json, safetensors_files
 
         self.path = Path(path)
         if not self.path.is_dir():
             raise QDoctorError(f"{path}: not a directory with config.json and *.safetensors")
+        if not (self.path / "config.json").is_file():
+            raise QDoctorError(f"{path}: no config.json")
+        check_config_json(self.path, trust_remote_code)  # as data, before transformers sees it
         try:
             self.config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
             raise QDoctorError(f"{path}: cannot read the model config ({str(e).splitlines()[0]})") from None
-        index = self.path / "model.safetensors.index.json"
-        self.files: dict[str, Path] = {}  # tensor name → file
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
-                raise QDoctorError(f"{index}: not a safetensors index ({e})") from None
-            self.files = {k: self.path / v for k, v in weight_map.items()}
-            missing = sorted({str(f) for f in self.files.values() if not f.is_file()})
-            if missing:
-                raise QDoctorError(f"{path}: shard(s) listed in the index are missing: {', '.join(missing[:3])}")
-        else:
-            shards = sorted(self.path.glob("*.safetensors"))
-            if not shards:
-                raise QDoctorError(f"{path}: no *.safetensors files")
-            for f in shards:
-                with safe_open(str(f), framework="pt") as h:
-                    self.files.update({k: f for k in h.keys()})
+        # tensor name → file; every header checked (truncation, corruption), index shards inside the directory
+        self.files: dict[str, Path] = safetensors_files(self.path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def tensors(self, names: list[str], device, dtype: torch.dtype,
                 shapes: dict | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors on ``device`` in ``dtype`` (``shapes``: unused, the file has them)."""
-        from safetensors import safe_open
+        """The named tensors on ``device`` in ``dtype`` (``shapes``: unused, the file has them);
+        a tensor holding NaN/Inf is refused by name."""
+        from safetensors import SafetensorError, safe_open
+
+        from qdoctor.models.loading import check_finite_tensor
 
         missing = [n for n in names if n not in self.files]
         if missing:
@@ -87,9 +77,14 @@ class SafetensorsSource:
             by_file.setdefault(self.files[n], []).append(n)
         out = {}
         for f, ns in by_file.items():
-            with safe_open(str(f), framework="pt", device="cpu") as h:
-                for n in ns:
-                    out[n] = h.get_tensor(n).to(device=device, dtype=dtype, non_blocking=False)
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as h:
+                    for n in ns:
+                        t = h.get_tensor(n)
+                        check_finite_tensor(t, n, f)
+                        out[n] = t.to(device=device, dtype=dtype, non_blocking=False)
+            except (SafetensorError, OSError) as e:  # the file changed or vanished since it was checked
+                raise QDoctorError(f"{f}: cannot read tensors ({str(e).strip().splitlines()[0]})") from None
         return out
 
 

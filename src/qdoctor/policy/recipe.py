@@ -34,7 +34,6 @@ import copy
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch.nn as nn
 import yaml
@@ -46,6 +45,7 @@ from qdoctor.io import atomic_write_text
 from qdoctor.models.registry import arch_for
 from qdoctor.models.streaming import each_block, require_resident
 from qdoctor.quant.apply import QuantizeResult, quantize, restore
+from qdoctor.quant.schemefile import check_recipe_dict, read_plan_data
 from qdoctor.quant.spec import Scheme
 from qdoctor.transforms.smoothing import SmoothingStep, smooth_block
 
@@ -199,6 +199,7 @@ class Recipe:
     def from_dict(cls, d: dict) -> "Recipe":
         if not isinstance(d, dict) or "scheme" not in d:
             raise QDoctorError("a recipe is a mapping with at least a 'scheme'")
+        check_recipe_dict(d)  # types (issue 18: never a TypeError from a malformed file)
         version = d.get("qdoctor_recipe", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise QDoctorError(f"recipe version {version} is not supported (this qdoctor reads {RECIPE_VERSION})")
@@ -227,14 +228,7 @@ def _uses_percentile(scheme: Scheme) -> bool:
 
 
 def load_recipe(path: str) -> Recipe:
-    p = Path(path)
-    if not p.is_file():
-        raise QDoctorError(f"{path}: no such recipe file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise QDoctorError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
-    return Recipe.from_dict(data)
+    return Recipe.from_dict(read_plan_data(path, "recipe", yaml_always=True))  # YAML is a superset of JSON
 
 
 def save_recipe(recipe: Recipe, path: str) -> None:

@@ -442,7 +442,8 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
                        recipe=recipe, evidence={n: e.to_dict() for n, e in s.evidence.items()},
                        total_layers=len(s.names), seconds=time.perf_counter() - t_start, metric=m.describe(),
                        fp_value=fp_value, fp_details=dict(getattr(m, "fp_details", {}) or {}))
-    recipe.metrics = {k: v for k, v in result.to_dict().items() if k != "trials"}
+    # what the search measured, without its wall time: the same search writes the same recipe
+    recipe.metrics = {k: v for k, v in result.to_dict().items() if k not in ("trials", "seconds")}
     return result
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from qdoctor.errors import QDoctorError
 from qdoctor.quant.fp8 import fake_quantize_fp8, quantize_fp8
 from qdoctor.quant.granularity import PerGroup
 from qdoctor.quant.int8 import fake_quantize_int8, quantize_int8
@@ -21,14 +22,33 @@ _FAKE = {"int8": fake_quantize_int8, "fp8": fake_quantize_fp8}
 _QUANT = {"int8": quantize_int8, "fp8": quantize_fp8}
 
 
+# The smallest scale: s = absmax/qmax of a subnormal absmax would underflow to 0 (x / 0 = NaN);
+# with s ≥ the smallest normal fp32 such values quantize to 0, within s/2 of themselves.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not (x.is_floating_point() and not x.is_complex()):
+        raise QDoctorError(f"quantizers take a real floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.numel() == 0:
+        raise QDoctorError(f"cannot quantize an empty tensor (shape {tuple(x.shape)})")
+
+
 def compute_scale(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """s = absmax_G(x) / qmax (shape per ``scales.absmax``)."""
-    return scale_from_absmax(absmax(x, spec.granularity), spec.qmax)
+    """s = absmax_G(x) / qmax (shape per ``scales.absmax``), at least ``MIN_SCALE``; a tensor
+    holding NaN/Inf is refused (its absmax — where both propagate — is checked, a few floats)."""
+    _check_input(x)
+    a = absmax(x, spec.granularity)
+    if not bool(torch.isfinite(a).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise QDoctorError(f"cannot quantize a tensor holding {bad} NaN/Inf value(s) (shape {tuple(x.shape)})")
+    return scale_from_absmax(a, spec.qmax).clamp_min(MIN_SCALE)
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None) -> torch.Tensor:
     """x̂ in fp32 with x's shape. ``scale`` (e.g. a static activation scale) overrides the
     scale computed from x."""
+    _check_input(x)
     if scale is None:
         scale = compute_scale(x, spec)
     fq = _FAKE[spec.dtype]
@@ -42,6 +62,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None
     """(codes, scale): int8 or float8_e4m3fn codes with x's shape, fp32 scale.
 
     For per-group specs the scale has shape (..., K/g) (one per row and group)."""
+    _check_input(x)
     if scale is None:
         scale = compute_scale(x, spec)
     q = _QUANT[spec.dtype]

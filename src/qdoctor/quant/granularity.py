@@ -60,7 +60,7 @@ def granularity_from_str(text: str) -> Granularity:
         rest = t[len("group"):].lstrip(":")
         if not rest:
             return PerGroup()
-        if not rest.isdigit():
+        if not (rest.isascii() and rest.isdigit()):
             raise QDoctorError(f"bad group size in granularity {text!r}: use e.g. group:128")
         return PerGroup(int(rest))
     raise QDoctorError(f"unknown granularity {text!r}: use tensor, channel, token or group:<g>")

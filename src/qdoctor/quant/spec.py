@@ -70,11 +70,14 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QuantSpec":
         _check_keys(d, {"dtype", "granularity", "dynamic", "observer"}, "quantization spec")
+        dynamic = d.get("dynamic", False)
+        if not isinstance(dynamic, bool):  # bool("false") is True: never guess
+            raise QDoctorError(f"'dynamic' must be true or false, got {dynamic!r}")
         return cls(
-            dtype=str(d.get("dtype", "int8")),
-            granularity=granularity_from_str(str(d.get("granularity", "channel"))),
-            dynamic=bool(d.get("dynamic", False)),
-            observer=str(d.get("observer", "absmax")),
+            dtype=_text(d.get("dtype", "int8"), "dtype"),
+            granularity=granularity_from_str(_text(d.get("granularity", "channel"), "granularity")),
+            dynamic=dynamic,
+            observer=_text(d.get("observer", "absmax"), "observer"),
         )
 
 
@@ -162,7 +165,7 @@ class LayerScheme:
             raise QDoctorError(f"a layer scheme must be a mapping, got {type(d).__name__}")
         _check_keys(d, {"weights", "activations", "keep"}, "layer scheme")
         if d.get("keep"):
-            return cls(keep=str(d["keep"]))
+            return cls(keep=_text(d["keep"], "keep"))
         w = d.get("weights")
         a = d.get("activations")
         return cls(
@@ -224,19 +227,31 @@ class Scheme:
         overrides = d.get("overrides") or {}
         if not isinstance(overrides, dict):
             raise QDoctorError("'overrides' must map layer-name globs to layer schemes")
+        ignore = d.get("ignore", ("lm_head",))
+        if not isinstance(ignore, (list, tuple)) or not all(isinstance(g, str) for g in ignore):
+            raise QDoctorError("'ignore' must be a list of layer-name globs")
         return cls(
             name=str(d.get("name", "custom")),
             default=LayerScheme.from_dict(d["default"]),
             overrides={str(k): LayerScheme.from_dict(v) for k, v in overrides.items()},
-            ignore=tuple(d.get("ignore", ("lm_head",))),
+            ignore=tuple(ignore),
             description=str(d.get("description", "")),
         )
 
 
 def _check_keys(d: dict, allowed: set[str], what: str) -> None:
+    if not isinstance(d, dict):
+        raise QDoctorError(f"a {what} must be a mapping, got {type(d).__name__}")
     unknown = set(d) - allowed
     if unknown:
-        raise QDoctorError(f"unknown key(s) in {what}: {', '.join(sorted(unknown))} (allowed: {', '.join(sorted(allowed))})")
+        names = ", ".join(sorted(repr(k) if not isinstance(k, str) else k for k in unknown))
+        raise QDoctorError(f"unknown key(s) in {what}: {names} (allowed: {', '.join(sorted(allowed))})")
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise QDoctorError(f"{what!r} must be a string, got {value!r}")
+    return value
 
 
 def _w(dtype: str, g: Granularity) -> QuantSpec:

@@ -37,8 +37,8 @@ class InputRecorder(LinearInputStats):
     with ``sample_rows`` uniform rows seeded by ``rows_seed``) plus the scan's error subsample."""
 
     def __init__(self, in_features: int, uniform_mask: torch.Tensor, spike_factor: float,
-                 max_spike_rows: int, seed: int = 0, sample_rows: int = 0, rows_seed: int = 0):
-        super().__init__(in_features=in_features, sample_rows=sample_rows, seed=rows_seed)
+                 max_spike_rows: int, seed: int = 0, sample_rows: int = 0, rows_seed: int = 0, name: str = ""):
+        super().__init__(in_features=in_features, sample_rows=sample_rows, seed=rows_seed, name=name)
         self.uniform_mask = uniform_mask
         self.spike_factor = spike_factor
         self.max_spike_rows = max_spike_rows

@@ -119,7 +119,8 @@ def scan_with_stats(model, tokenizer, config: ScanConfig | None = None,
         for group in groups:
             owner = block.get_submodule(group[0])
             rec = InputRecorder(owner.in_features, umask, config.spike_factor, config.max_spike_rows,
-                                seed=cal.seed + i, sample_rows=cal.sample_rows, rows_seed=cal.seed)
+                                seed=cal.seed + i, sample_rows=cal.sample_rows, rows_seed=cal.seed,
+                                name=f"{arch.blocks}.{i}.{group[0]}")
             handles.append(owner.register_forward_pre_hook(rec))
             for rel in group:
                 recorders[rel] = rec
