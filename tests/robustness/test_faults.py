@@ -79,20 +79,25 @@ def _memo(fn, cache: dict, key: str):
     return f
 
 
+def _export_with_old_checkpoint(model, tmp_path: Path, calib: Path):
+    """(write-point counter of a clean export, its checkpoint's signature, the target holding an old
+    checkpoint, that old checkpoint's signature)."""
+    ref = tmp_path / "ref" / "ckpt"
+    ref.parent.mkdir()
+    with inject(0) as counted:
+        assert main(_export_argv(model, ref, calib)) == 0
+    out = tmp_path / "ckpt"
+    _make_old_checkpoint(out)
+    return counted, _dir_sig(ref), out, _dir_sig(out)
+
+
 def _points(n: int, how_many: int, rng: random.Random) -> list[int]:
     """A seeded sample of write points 1..n, always with the first and the last."""
     return sorted({1, n, *rng.sample(range(1, n + 1), min(n, how_many))})
 
 
 def test_sigint_at_write_points_of_export(tiny_llama_dir, tmp_path, calib_text, capsys):
-    ref = tmp_path / "ref" / "ckpt"
-    ref.parent.mkdir()
-    with inject(0) as counted:
-        assert main(_export_argv(tiny_llama_dir, ref, calib_text)) == 0
-    new = _dir_sig(ref)
-    out = tmp_path / "ckpt"
-    _make_old_checkpoint(out)
-    old = _dir_sig(out)
+    counted, new, out, old = _export_with_old_checkpoint(tiny_llama_dir, tmp_path, calib_text)
     seen = set()
     for k in _points(counted.count, 6, random.Random(SEED)):
         with inject(k) as inj:
@@ -206,14 +211,7 @@ def _check_export_dir(out: Path, old, new, killed: set, what: str) -> str:
 
 
 def test_sigkill_at_every_write_point_of_export(tiny_llama_dir, tmp_path, calib_text, capsys):
-    ref = tmp_path / "ref" / "ckpt"
-    ref.parent.mkdir()
-    with inject(0) as counted:
-        assert main(_export_argv(tiny_llama_dir, ref, calib_text)) == 0
-    new = _dir_sig(ref)
-    out = tmp_path / "ckpt"
-    _make_old_checkpoint(out)
-    old = _dir_sig(out)
+    counted, new, out, old = _export_with_old_checkpoint(tiny_llama_dir, tmp_path, calib_text)
     outcomes = []
     for k in range(1, counted.count + 1):
         code, pid, log = _fork_run(_export_argv(tiny_llama_dir, out, calib_text), tmp_path / "log", "sigkill", k)
