@@ -430,3 +430,16 @@ def test_negative_count_is_argparse_one_line(tiny_llama_dir, capsys):
         main(["eval", "--limit", "-1", "--model", str(tiny_llama_dir)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "expected a positive integer, got -1" in err and "Traceback" not in err
+
+
+def test_bad_shard_size_is_refused_before_loading(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    import qdoctor.cli.export_cmd as export_cmd
+
+    def no_load(*a, **k):
+        raise AssertionError("the model must not be loaded for a bad --max-shard-size")
+
+    monkeypatch.setattr(export_cmd, "load_model", no_load)
+    out = tmp_path / "out"
+    out.mkdir()
+    refused(["export", "--scheme", "w8a8-channel-token", "--model", tiny_llama_dir, "--out", out / "ckpt",
+             "--max-shard-size", "lots"], "bad shard size 'lots'", capsys, [out])

@@ -52,11 +52,14 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from qdoctor.export import export_checkpoint
+    from qdoctor.export.checkpoint import shard_size_bytes
     from qdoctor.export.staging import check_out_dir
     from qdoctor.policy.recipe import Recipe
 
     check_out_dir(args.out, args.overwrite)  # before minutes of work
     require_parent(args.json)
+    shard_size = None if args.max_shard_size == "block" else args.max_shard_size
+    shard_size_bytes(shard_size)  # a bad size fails before the model is loaded
     plan = _read_plan(args)
     recipe = Recipe.of(plan, calib_config(args))
     card = _read_card(args.card) if args.card else {}
@@ -77,7 +80,7 @@ def run(args) -> int:
     say(f"exporting to {args.out}, one decoder block at a time …")
     report = export_checkpoint(model, tok, args.out, recipe=recipe, stats=stats, overwrite=args.overwrite, card=card,
                                dtype=args.save_dtype, require_vllm=args.require_vllm,
-                               max_shard_size=None if args.max_shard_size == "block" else args.max_shard_size)
+                               max_shard_size=shard_size)
     for line in report.summary_lines():
         print(line)
     if args.json:
