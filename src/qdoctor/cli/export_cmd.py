@@ -139,17 +139,9 @@ def _ppl_setup(args) -> dict:
 
 
 def _read_card(path: str) -> dict:
-    from pathlib import Path
+    from qdoctor.quant.schemefile import read_plan_data
 
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise QDoctorError(f"{path}: no such card file")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))  # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise QDoctorError(f"{path}: not valid YAML/JSON ({str(e).splitlines()[0]})") from None
+    data = read_plan_data(path, "card", yaml_always=True)  # YAML is a superset of JSON
     if not isinstance(data, dict):
         raise QDoctorError(f"{path}: a card file must hold a mapping (evidence, ppl, metrics, notes, title)")
     unknown = set(data) - {"title", "evidence", "ppl", "metrics", "notes"}
