@@ -83,7 +83,11 @@ def remove_stale(target: Path, kind: str = "file") -> list[Path]:
     return removed
 
 
-def atomic_write_bytes(path: str, data: bytes) -> Path:
+@contextmanager
+def _staged_file(path: str):
+    """(fd, temporary path) beside ``path``, readable as the umask allows (a report is shared like
+    any file; mkstemp makes 0600); renamed onto ``path`` when the ``with`` ends normally, removed
+    otherwise; a full or read-only disk is one line."""
     p = check_writable(path)
     remove_stale(p, "file")
     try:
@@ -93,10 +97,10 @@ def atomic_write_bytes(path: str, data: bytes) -> Path:
             raise disk_error(path, e) from None
         raise
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        yield fd, tmp
         os.replace(tmp, p)
     except OSError as e:
         if os.path.exists(tmp):
@@ -108,7 +112,15 @@ def atomic_write_bytes(path: str, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return p
+
+
+def atomic_write_bytes(path: str, data: bytes) -> Path:
+    with _staged_file(path) as (fd, _tmp):
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path).expanduser()
 
 
 def atomic_write_text(path: str, text: str) -> Path:
@@ -129,14 +141,7 @@ def peak_rss_mb() -> float:
 @contextmanager
 def atomic_path(path: str):
     """A temporary path beside ``path`` for a writer that wants a file name (safetensors); renamed
-    onto ``path`` when the ``with`` ends normally, removed otherwise."""
-    p = check_writable(path)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    onto ``path`` when the ``with`` ends normally, removed otherwise (as ``atomic_write_bytes``)."""
+    with _staged_file(path) as (fd, tmp):
+        os.close(fd)
         yield tmp
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
