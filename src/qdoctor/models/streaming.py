@@ -153,10 +153,10 @@ def stream_blocks(model: nn.Module, input_ids: torch.Tensor,
 
 
 def each_block(model: nn.Module, fn: Callable[[int, nn.Module], None], progress: bool = False,
-               desc: str = "blocks", transient: bool = False) -> None:
+               desc: str = "blocks") -> None:
     """``fn(i, block)`` for every decoder block, opened one at a time (weights only, no forward)."""
     for i in tqdm(range(len(get_blocks(model))), desc=desc, unit="block", disable=not progress, leave=False):
-        with materialized(model, i, transient=transient) as block:
+        with materialized(model, i) as block:
             fn(i, block)
 
 

@@ -251,7 +251,7 @@ def check_scan_matches(scan, config: FixConfig):
     naming every difference otherwise."""
     report, stats = scan
     want = config.scan_config(progress=False)
-    got = ScanConfig.from_dict(report.config) if isinstance(report.config, dict) else report.config
+    got = ScanConfig.from_dict(report.config)  # ScanReport.config is ScanConfig.to_dict()
     diffs = [f"{k} {getattr(got.calibration, k)!r} (fix: {getattr(want.calibration, k)!r})"
              for k in ("n_samples", "seqlen", "source", "seed", "sample_rows", "holdout_fraction")
              if getattr(got.calibration, k) != getattr(want.calibration, k)]
@@ -273,9 +273,9 @@ class Searcher:
 
     Everything that needs weights is a walk over the blocks (``models.streaming``):
 
-    - calibration: one pass (``calib.collect``);
-    - evidence (spike ratio, weight output errors, the coarsest sufficient group size of each
-      weight-outlier layer): one pass over the blocks, weights only — no forward;
+    - calibration statistics and evidence (spike ratio, weight output errors, the per-group
+      errors of each weight-outlier layer): one weights-only scan (``scan_with_stats`` with
+      ``FixConfig.scan_config``), or a saved scan passed as ``scan=(report, stats)``;
     - a candidate plan: one pass of the held-out windows in which block i is smoothed and
       quantized as it is opened and put back when closed (``Recipe.perplexity``).
 
