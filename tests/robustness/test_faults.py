@@ -165,6 +165,13 @@ def _fork_run(argv: list[str], log: Path, action: str = "count", k: int = 0,
         code = 99
         try:
             torch.set_num_threads(1)
+            # tqdm's write lock is a multiprocessing lock shared with the parent across fork: a child
+            # SIGKILLed while holding it would leave the parent's next progress bar waiting forever
+            import threading
+
+            from tqdm.std import tqdm as tqdm_cls
+
+            tqdm_cls.set_lock(threading.RLock())
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)
