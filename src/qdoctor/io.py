@@ -19,6 +19,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from qdoctor.distributed import current_world
 from qdoctor.errors import QDoctorError
 
 # OSErrors that mean "this disk cannot take the output", not a bug.
@@ -87,8 +88,14 @@ def remove_stale(target: Path, kind: str = "file") -> list[Path]:
 def _staged_file(path: str):
     """(fd, temporary path) beside ``path``, readable as the umask allows (a report is shared like
     any file; mkstemp makes 0600); renamed onto ``path`` when the ``with`` ends normally, removed
-    otherwise; a full or read-only disk is one line."""
+    otherwise; a full or read-only disk is one line. On a rank other than 0 of a torchrun world
+    (``qdoctor.distributed``) the file goes to a private temporary directory and is dropped:
+    rank 0 alone writes outputs."""
     p = check_writable(path)
+    if not current_world().is_main:
+        with tempfile.TemporaryDirectory() as scratch:
+            yield tempfile.mkstemp(dir=scratch)
+        return
     remove_stale(p, "file")
     try:
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.{os.getpid()}.", suffix=".tmp")

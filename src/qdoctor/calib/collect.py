@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qdoctor.calib.observers import LinearInputStats
+from qdoctor.calib.observers import LinearInputStats, reduce_over_ranks
 from qdoctor.calib.text import CALIBRATION_SPLIT, text_source
 from qdoctor.calib.windows import prepend_bos, window_body
+from qdoctor.distributed import World, current_world
 from qdoctor.errors import QDoctorError
 from qdoctor.io import atomic_path
 from qdoctor.models.loading import check_context
@@ -136,11 +137,17 @@ def calibration_windows(tokenizer, config: CalibrationConfig, bos_id: int | None
 
 def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names: list[str],
                          batch_size: int = 4, desc: str = "calibrating", sample_rows: int = 0,
-                         seed: int = 0, block_transform=None) -> dict[str, LinearInputStats]:
+                         seed: int = 0, block_transform=None, world: World | None = None) -> dict[str, LinearInputStats]:
     """Run ``input_ids`` (N, L) through the block pipeline (``models.streaming``) with pre-hooks
     that fold each named linear's input into a ``LinearInputStats`` (keeping ``sample_rows``
     sampled rows). Layers that read one tensor (q/k/v, gate/up) share one statistics object. ``block_transform(i, block)`` treats each block for this pass only (e.g.
-    smooths it: the statistics of the smoothed model)."""
+    smooths it: the statistics of the smoothed model).
+
+    Over several ranks (``world``, default ``current_world()``) each runs its shard of whole
+    batches and the statistics are combined to those of every window (``reduce_over_ranks``)."""
+    world = current_world() if world is None else world
+    shard = world.shard(input_ids.shape[0], batch_size)
+    row_offset = shard.start * input_ids.shape[1]  # global index of this rank's first token row
     modules = dict(model.named_modules())
     arch = arch_for(model)
     prefix = arch.blocks + "."
@@ -161,7 +168,7 @@ def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names:
         owner = owner if owner in wanted else name
         if owner not in recorders:
             recorders[owner] = LinearInputStats(in_features=mod.in_features, sample_rows=sample_rows, seed=seed,
-                                                name=owner)
+                                                name=owner, row_offset=row_offset)
             by_block.setdefault(int(i), []).append(owner)
         stats[name] = recorders[owner]
 
@@ -180,7 +187,9 @@ def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names:
             for h in handles:
                 h.remove()
 
-    stream_blocks(model, input_ids, on_block, batch_size=batch_size, desc=desc, transient=block_transform is not None)
+    stream_blocks(model, input_ids, on_block, batch_size=batch_size, desc=desc, progress=world.is_main,
+                  transient=block_transform is not None, world=world)
+    reduce_over_ranks(list(recorders.values()), world)
     return stats
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from qdoctor.distributed import World, top_keys
 from qdoctor.errors import QDoctorError
 
 ObserverFn = Callable[["LinearInputStats", str], float]
@@ -46,6 +47,7 @@ class LinearInputStats:
     _row_keys: torch.Tensor | None = None
     _gen: torch.Generator | None = None
     name: str = ""  # the layer's full name, for error messages
+    row_offset: int = 0  # rows seen before this process's first (a rank's shard: ``qdoctor.distributed``)
 
 
     def __post_init__(self):
@@ -73,15 +75,16 @@ class LinearInputStats:
 
     def _sample(self, flat: torch.Tensor) -> None:
         """Keep the ``sample_rows`` rows with the largest seeded uniform keys (a uniform sample
-        without replacement over every row seen). Keys are drawn on the CPU; only the rows that
-        enter the sample are copied off ``flat``'s device."""
+        without replacement over every row seen; equal keys: the earlier row, ``top_keys``). Row r
+        (counted from the first calibration window, ``row_offset`` included) gets the r-th key of
+        the seeded generator, so a rank's shard draws the keys one process would. Keys are drawn
+        on the CPU; only the rows that enter the sample are copied off ``flat``'s device."""
         if self._gen is None:
-            self._gen = torch.Generator().manual_seed(self.seed)
+            self._gen = seeded_generator(self.seed, skip=self.row_offset)
         new_keys = torch.rand(flat.shape[0], generator=self._gen)
         n_old = 0 if self.rows is None else self.rows.shape[0]
         keys = new_keys if self.rows is None else torch.cat([self._row_keys, new_keys])
-        top = (keys.topk(self.sample_rows).indices.sort().values if keys.numel() > self.sample_rows
-               else torch.arange(keys.numel()))
+        top = top_keys(keys, self.sample_rows)
         # kept in the input's own dtype (bf16 activations stay bf16: lossless, half the host memory)
         new_rows = flat[(top[top >= n_old] - n_old).to(flat.device)].cpu()
         self.rows = new_rows if n_old == 0 else torch.cat([self.rows[top[top < n_old]], new_rows])
@@ -141,6 +144,40 @@ class LinearInputStats:
         s = cls(in_features=channel_absmax.numel(), channel_absmax=channel_absmax.float())
         s._token_rows = [token_absmax.float()]
         return s
+
+
+def seeded_generator(seed: int, skip: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` that has drawn ``skip`` uniform floats already (the
+    CPU generator draws one value per element: ``rand(a)`` then ``rand(b)`` = ``rand(a + b)``)."""
+    g = torch.Generator().manual_seed(seed)
+    for start in range(0, skip, _SKIP_CHUNK):
+        torch.rand(min(_SKIP_CHUNK, skip - start), generator=g)
+    return g
+
+
+_SKIP_CHUNK = 1 << 22
+
+
+def reduce_over_ranks(stats: "list[LinearInputStats]", world: World) -> None:
+    """The statistics of every rank's shard of windows together, in place (identity for one
+    process): channel maxima by an all-reduce MAX, per-token maxima gathered in rank (= window)
+    order, sampled rows as the ``top_keys`` of every rank's candidates — what one process that
+    saw every window keeps (``qdoctor.distributed``). One collective of each kind for the list."""
+    if not world.distributed or not stats:
+        return
+    sizes = [st.channel_absmax.numel() for st in stats]
+    maxima = world.all_max(torch.cat([st.channel_absmax for st in stats])).split(sizes)
+    parts = world.gather([(st._token_rows, st.rows, st._row_keys) for st in stats])
+    for j, st in enumerate(stats):
+        st.channel_absmax = maxima[j].clone()
+        st._token_rows = [t for part in parts for t in part[j][0]]
+        st._token_absmax = None
+        sampled = [part[j] for part in parts if part[j][1] is not None]
+        if st.sample_rows > 0 and sampled:
+            keys = torch.cat([p[2] for p in sampled])
+            top = top_keys(keys, st.sample_rows)
+            st.rows = torch.cat([p[1] for p in sampled])[top]
+            st._row_keys = keys[top]
 
 
 def check_finite_input(channel_max: torch.Tensor, name: str) -> None:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
+from contextlib import contextmanager, nullcontext, redirect_stdout
 
 from qdoctor import __version__
+from qdoctor.distributed import init_world, shutdown_world, world_from_env
 from qdoctor.errors import QDoctorError
 
 COMMANDS = ["qdoctor.cli.eval_cmd", "qdoctor.cli.demo_cmd", "qdoctor.cli.models_cmd"]
@@ -76,13 +79,42 @@ def _command_defaults(parser: argparse.ArgumentParser, command: str) -> dict:
     return {}
 
 
+DISTRIBUTED_COMMANDS = {"eval", "fix"}  # data-parallel under torchrun (docs/distributed.md)
+
+
+@contextmanager
+def launched_world(args):
+    """The torchrun world of this process while the command runs (one process: nothing happens).
+    Ranks other than 0 print nothing on stdout; outputs are written by rank 0 (``qdoctor.io``)."""
+    world = world_from_env()
+    if not world.distributed:
+        yield world
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise QDoctorError(f"`qdoctor {args.command}` does not run data-parallel; launch it without torchrun "
+                           f"(data-parallel: {', '.join(sorted(DISTRIBUTED_COMMANDS))})")
+    if getattr(args, "device_map", None):
+        raise QDoctorError("--device-map spreads one model over the GPUs; under torchrun each rank holds a "
+                           "replica on its own GPU: leave --device-map out")
+    init_world(world)
+    quiet = None if world.is_main else open(os.devnull, "w")
+    try:
+        with redirect_stdout(quiet) if quiet else nullcontext():
+            yield world
+    finally:
+        shutdown_world()
+        if quiet:
+            quiet.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # a Ctrl-C while the sub-commands are imported is an interrupt too, not a traceback
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
         args = parser.parse_args(join_negative_values(parser, argv))
         args.qdoctor_defaults = _command_defaults(parser, args.command)
-        return int(args.func(args) or 0)
+        with launched_world(args):
+            return int(args.func(args) or 0)
     except QDoctorError as e:
         print(f"qdoctor: error: {e}", file=sys.stderr)
         return 2

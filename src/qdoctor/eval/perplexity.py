@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from qdoctor.calib.text import text_source
 from qdoctor.calib.windows import consecutive_windows, window_body
+from qdoctor.distributed import World, current_world
 from qdoctor.errors import QDoctorError
 from qdoctor.models.lazy import final_logits
 from qdoctor.models.registry import bos_token_id
@@ -82,31 +83,41 @@ def perplexity(model, tokenizer, text: str | None = None, source: str = "wikitex
 
 @torch.no_grad()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = False, desc: str = "perplexity",
-               block_transform=None) -> tuple[float, int]:
+               block_transform=None, world: World | None = None) -> tuple[float, int]:
     """(Σ NLL, predicted-token count) of ``windows``: the blocks through the pipeline, then the
     final norm and LM head per batch, ``_HEAD_CHUNK_ELEMS`` fp32 logits at a time.
-    ``block_transform(i, block)`` treats block i for this pass only (see ``perplexity``)."""
+    ``block_transform(i, block)`` treats block i for this pass only (see ``perplexity``).
+
+    Over several ranks (``world``, default ``current_world()``) each scores its shard of whole
+    batches; the per-chunk NLL sums are gathered in window order and added in that order on
+    every rank: the float additions, and so the bits, of one process."""
+    world = current_world() if world is None else world
+    batch_size = max(batch_size, 1)
 
     def on_block(i, block, inputs):
         if block_transform is not None:
             block_transform(i, block)
         return None
 
-    hidden = stream_blocks(model, windows, on_block, batch_size=max(batch_size, 1), progress=progress, desc=desc,
-                           final_outputs=True, transient=block_transform is not None)
-    nll_sum, count, start = 0.0, 0, 0
+    hidden = stream_blocks(model, windows, on_block, batch_size=batch_size, progress=progress and world.is_main,
+                           desc=desc, final_outputs=True, transient=block_transform is not None, world=world)
+    mine = windows[world.shard(windows.shape[0], batch_size)]
+    terms, counts, start = [], [], 0
     vocab = model.get_output_embeddings().weight.shape[0]
     for h in hidden:
-        batch = windows[start:start + h.shape[0]].to(h.device)
+        batch = mine[start:start + h.shape[0]].to(h.device)
         start += h.shape[0]
         states = h[:, :-1].reshape(-1, h.shape[-1])
         target = batch[:, 1:].reshape(-1)
         # tokens whose fp32 logits are alive at once: 2^26 logits = 523 tokens of a 128k vocabulary
         for rows in row_slices(states.shape[0], vocab, _HEAD_CHUNK_ELEMS):
             logits = final_logits(model, states[rows]).float()
-            nll_sum += float(F.cross_entropy(logits, target[rows], reduction="sum"))
-        count += target.numel()
-    return nll_sum, count
+            terms.append(float(F.cross_entropy(logits, target[rows], reduction="sum")))
+        counts.append(target.numel())
+    nll_sum = 0.0
+    for t in world.concat(terms):
+        nll_sum += t
+    return nll_sum, sum(world.concat(counts))
 
 
 _HEAD_CHUNK_ELEMS = ROW_BLOCK_ELEMS  # fp32 logits computed at once by the head

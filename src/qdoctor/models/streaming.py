@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from qdoctor.distributed import World
 from qdoctor.errors import QDoctorError
 from qdoctor.models.registry import arch_for, get_blocks
 from qdoctor.quant.apply import restore
@@ -122,7 +123,8 @@ def capture_block_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 def stream_blocks(model: nn.Module, input_ids: torch.Tensor,
                   on_block: Callable[[int, nn.Module, BlockInputs], "list[torch.Tensor] | None"],
                   batch_size: int = 4, progress: bool = True, desc: str = "blocks",
-                  final_outputs: bool = False, transient: bool = False) -> "list[torch.Tensor] | None":
+                  final_outputs: bool = False, transient: bool = False,
+                  world: World | None = None) -> "list[torch.Tensor] | None":
     """Call ``on_block(i, block, inputs)`` for each block in order. It may register hooks, run
     ``inputs.forward(block)`` itself (and return the outputs), or treat the block; when it
     returns None the outputs of the (possibly treated) block feed the next block.
@@ -131,8 +133,14 @@ def stream_blocks(model: nn.Module, input_ids: torch.Tensor,
     outputs exist; with ``transient`` whatever ``on_block`` did to a resident block is undone
     then (a lazy block is always dropped). With ``final_outputs`` the last block's outputs are
     returned (the input of the final norm); the last block runs only then or when ``on_block``
-    runs it. Running out of device memory is a one-line error naming the block."""
+    runs it. Running out of device memory is a one-line error naming the block.
+
+    With a ``world`` of several ranks this rank runs only its shard of ``input_ids``, whole
+    batches of them (``world.shard(N, batch_size)``; the outputs are the shard's): combining the
+    ranks' results is the caller's business (``qdoctor.distributed``)."""
     blocks = get_blocks(model, arch_for(model))
+    if world is not None:
+        input_ids = input_ids[world.shard(input_ids.shape[0], batch_size)]
     inputs, all_kwargs = capture_block_inputs(model, input_ids, batch_size)
     out = None
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress, leave=False):

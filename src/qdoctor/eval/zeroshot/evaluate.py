@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from qdoctor.distributed import World, current_world
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.zeroshot import metrics as M
 from qdoctor.eval.zeroshot.data import TaskDataError, choose_indices, find_task_file, read_jsonl
@@ -125,7 +126,7 @@ def evaluate(model, tokenizer, tasks: "list[str] | tuple[str, ...] | None" = Non
              limit: "int | dict[str, int] | None" = None, subsample: "int | dict[str, int] | None" = None,
              seed: int = 1234, batch_size: int = 16, data_dir: "str | Path | None" = None, *,
              share_prefix: bool = True, add_bos_token: bool | None = None, max_length: int | None = None,
-             progress: bool = True) -> dict[str, TaskResult]:
+             progress: bool = True, world: World | None = None) -> dict[str, TaskResult]:
     """Zero-shot evaluation of ``model`` on ``tasks`` (default: the eight of ``DEFAULT_TASKS``).
 
     model: any causal LM whose ``model(input_ids=..., attention_mask=...)`` returns ``.logits``
@@ -139,7 +140,11 @@ def evaluate(model, tokenizer, tasks: "list[str] | tuple[str, ...] | None" = Non
         used instead of the shipped data.
     add_bos_token: as lm-eval HFLM's model_arg (None: the tokenizer's default).
     share_prefix: run each item's shared token prefix once (exact; off = full sequences).
+    world: over several ranks (default ``qdoctor.distributed.current_world()``) each scores a
+        contiguous shard of every task's items; the item results are gathered in item order
+        and every rank computes the metrics of all of them (sums over items, not means of means).
     """
+    world = current_world() if world is None else world
     task_names = [tasks] if isinstance(tasks, str) else list(tasks) if tasks is not None else list(DEFAULT_TASKS)
     specs = [get_task(t) for t in task_names]
     if len(set(task_names)) != len(task_names):
@@ -147,7 +152,8 @@ def evaluate(model, tokenizer, tasks: "list[str] | tuple[str, ...] | None" = Non
     encoder = PairEncoder(tokenizer, add_bos_token=add_bos_token, force_bos=bos_policy(model, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scorer = LoglikelihoodScorer(model, batch_size=batch_size, share_prefix=share_prefix, pad_id=pad_id,
-                                 max_length=max_length or resolve_max_length(model, tokenizer), progress=progress)
+                                 max_length=max_length or resolve_max_length(model, tokenizer),
+                                 progress=progress and world.is_main)
     was_training = model.training
     model.eval()
     results: dict[str, TaskResult] = {}
@@ -157,7 +163,7 @@ def evaluate(model, tokenizer, tasks: "list[str] | tuple[str, ...] | None" = Non
             chosen = [items[i] for i in choose_indices(len(items), _per_task(limit, spec.name),
                                                        _per_task(subsample, spec.name), seed)]
             t0 = time.perf_counter()
-            scored = score_items(spec, chosen, encoder, scorer)
+            scored = world.concat(score_items(spec, chosen[world.shard(len(chosen))], encoder, scorer))
             results[spec.name] = TaskResult(
                 task=spec.name, metrics=_task_metrics(spec, scored), n_items=len(scored), n_total=len(items),
                 n_requests=sum(len(it.contexts) for it in chosen), seconds=time.perf_counter() - t0,
