@@ -4,6 +4,10 @@
     python bench/stream.py --fix --fix-calib 16     # then the plan search (block-streamed fix)
     python bench/stream.py --layers 8 --export       # then the block-streamed export (W8A8 static, scan's statistics)
     python bench/stream.py --shape tiny --device cpu --fix --export   # a smoke run anywhere
+    torchrun --nproc-per-node 2 bench/stream.py --no-scan --fix --fix-calib 16   # the search on 2 GPUs
+
+Under torchrun (``qdoctor.distributed``) each rank streams the blocks on its own GPU and takes
+a shard of the calibration and held-out windows; rank 0 prints and writes the JSON.
 
 The weights are random (``models.lazy.RandomSource``: N(0, 0.02²), norms 1, Qin-style ±90
 outliers planted in a few input dimensions of blocks 0-1's q/k/v/gate/up) and generated block
@@ -76,18 +80,24 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import LlamaConfig
 
     from qdoctor.calib.collect import CalibrationConfig
+    from qdoctor.distributed import init_world, shutdown_world
     from qdoctor.io import atomic_write_json, peak_rss_mb
     from qdoctor.models.lazy import RandomSource, load_lazy
     from qdoctor.models.registry import get_blocks
     from qdoctor.scan import ScanConfig, scan_with_stats
 
+    world = init_world()  # one process without torchrun
+    if world.distributed:
+        args.device = str(world.device)
+    show = print if world.is_main else (lambda *a, **k: None)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     shape = dict(SHAPES[args.shape])
     if args.layers:
         shape["num_hidden_layers"] = args.layers
     config = LlamaConfig(**shape, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
     cuda = args.device.startswith("cuda")
-    out: dict = {"shape": args.shape, "config": shape, "dtype": args.dtype, "device": args.device}
+    out: dict = {"shape": args.shape, "config": shape, "dtype": args.dtype, "device": args.device,
+                 "world_size": world.world_size}
     if cuda:
         out["gpu"] = torch.cuda.get_device_name()
         torch.cuda.reset_peak_memory_stats()
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     out["sizes_gib"] = {"one_block": gib(block_params * elem), "all_blocks": gib(block_params * elem * config.num_hidden_layers),
                         "resident_non_block": gib(resident * elem), "calibration_hidden_states": gib(acts)}
     out["load_seconds"] = round(time.perf_counter() - t0, 2)
-    print(f"{args.shape}-shaped model, {config.num_hidden_layers} blocks of {block_params / 1e6:.0f}M parameters "
+    show(f"{args.shape}-shaped model, {config.num_hidden_layers} blocks of {block_params / 1e6:.0f}M parameters "
           f"({out['sizes_gib']['one_block']} GiB each, {out['sizes_gib']['all_blocks']} GiB in all); resident "
           f"embeddings + head {out['sizes_gib']['resident_non_block']} GiB", flush=True)
 
@@ -118,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             base = torch.cuda.memory_allocated()
         t1 = time.perf_counter()
         cal = CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen, seed=args.seed)
-        report, stats = scan_with_stats(model, tok, ScanConfig(calibration=cal, progress=True))
+        report, stats = scan_with_stats(model, tok, ScanConfig(calibration=cal, progress=world.is_main))
         scan_s = time.perf_counter() - t1
         out["scan"] = {"seconds": round(scan_s, 1), "seconds_per_block": round(scan_s / config.num_hidden_layers, 2),
                        "calibration_tokens": args.calib_samples * args.calib_seqlen,
@@ -132,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             out["scan"]["peak_gpu_above_resident_gib"] = gib(peak - base)
             out["scan"]["peak_in_blocks"] = round((peak - base) / (block_params * elem), 2)
         out["scan"]["peak_host_rss_gib"] = round(peak_rss_mb() / 1024, 2)
-        print(json.dumps(out["scan"], indent=1), flush=True)
+        show(json.dumps(out["scan"], indent=1), flush=True)
 
     if args.fix:
         from qdoctor.policy.search import FixConfig, Searcher, search
@@ -143,18 +153,19 @@ def main(argv: list[str] | None = None) -> None:
         fcfg = FixConfig(calibration=CalibrationConfig(n_samples=args.fix_calib, seqlen=args.calib_seqlen,
                                                        seed=args.seed, sample_rows=512, holdout_fraction=0.2),
                          eval_windows=args.fix_windows, eval_seqlen=args.fix_seqlen)
-        searcher = Searcher(model, tok, fcfg, progress=True)
+        searcher = Searcher(model, tok, fcfg, progress=world.is_main)
         t_setup = time.perf_counter() - t2
-        result = search(model, tok, fcfg, progress=True, searcher=searcher)
+        result = search(model, tok, fcfg, progress=world.is_main, searcher=searcher)
         fix_s = time.perf_counter() - t2
         out["fix"] = {"seconds": round(fix_s, 1), "setup_seconds": round(t_setup, 1),
                       "trials": len(result.trials), "seconds_per_trial": round((fix_s - t_setup) / max(len(result.trials), 1), 1),
                       "plan": result.best.label, "layers_kept": result.best.kept,
-                      "layers_per_group": result.best.per_group, "block_reads": model.qdoctor_lazy.loads}
+                      "layers_per_group": result.best.per_group, "block_reads": model.qdoctor_lazy.loads,
+                      "fp_ppl": searcher.fp_ppl, "trial_ppls": [t.ppl for t in result.trials]}  # equal for any --nproc
         if cuda:
             out["fix"]["peak_gpu_gib"] = gib(torch.cuda.max_memory_allocated())
         out["fix"]["peak_host_rss_gib"] = round(peak_rss_mb() / 1024, 2)
-        print(json.dumps(out["fix"], indent=1), flush=True)
+        show(json.dumps(out["fix"], indent=1), flush=True)
     if args.export:
         import shutil
         import tempfile
@@ -170,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         t3 = time.perf_counter()
         scheme = "w8a8-channel-tensor-static" if stats is not None else "w8a8-channel-token"
         rep = export_checkpoint(model, tok, target, recipe=Recipe(scheme=get_scheme(scheme)), stats=stats,
-                                max_shard_size=None, progress=True)
+                                max_shard_size=None, progress=world.is_main)
         out["export"] = {"seconds": round(time.perf_counter() - t3, 1), "scheme": scheme,
                          "blocks": config.num_hidden_layers,
                          "weights_gib": gib(rep.weights_bytes), "bf16_gib": gib(rep.bf16_bytes),
@@ -180,11 +191,12 @@ def main(argv: list[str] | None = None) -> None:
         out["export"]["peak_host_rss_gib"] = round(peak_rss_mb() / 1024, 2)
         if not args.export_dir:
             shutil.rmtree(target.parent)
-        print(json.dumps(out["export"], indent=1), flush=True)
+        show(json.dumps(out["export"], indent=1), flush=True)
     out["total_seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:
         atomic_write_json(args.json, out)
-    print(f"total {out['total_seconds']} s")
+    show(f"total {out['total_seconds']} s")
+    shutdown_world()
 
 
 if __name__ == "__main__":

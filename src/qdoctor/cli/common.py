@@ -8,6 +8,7 @@ import platform
 import sys
 import time
 
+from qdoctor.distributed import current_world
 from qdoctor.errors import QDoctorError
 
 
@@ -154,7 +155,9 @@ def calib_config(args):
 
 
 def say(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A progress note on stderr (rank 0 alone under torchrun: ``qdoctor.distributed``)."""
+    if current_world().is_main:
+        print(msg, file=sys.stderr, flush=True)
 
 
 def environment() -> dict:

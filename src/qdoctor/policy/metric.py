@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from qdoctor.distributed import current_world
 from qdoctor.errors import QDoctorError
 
 # Accuracies are multiples of 1/N: an exact drop of `budget` points must not miss by rounding.
@@ -231,7 +232,8 @@ class TaskAccuracyMetric(Metric):
         self.fp_value = float(fp_value)
 
     def correct(self, model) -> dict[str, list[bool]]:
-        """Per task, whether each chosen item is answered correctly (lm-eval's ``acc``)."""
+        """Per task, whether each chosen item is answered correctly (lm-eval's ``acc``); over
+        several ranks (``qdoctor.distributed``) each scores a shard and the results are gathered."""
         from qdoctor.eval.zeroshot import LoglikelihoodScorer
         from qdoctor.eval.zeroshot.metrics import argmax
 
@@ -241,8 +243,9 @@ class TaskAccuracyMetric(Metric):
         model.eval()
         out: dict[str, list[bool]] = {}
         try:
+            world = current_world()  # several ranks: each scores a shard, all get every item's result
             for d in self.data:
-                scored = scorer.score(d.pairs, desc=d.spec.name)
+                scored = world.concat(scorer.score(d.pairs[world.shard(len(d.pairs))], desc=d.spec.name))
                 if d.spec.kind == "loglikelihood":  # LAMBADA: the target is the greedy continuation
                     out[d.spec.name] = [bool(res[0][1]) for res in scored]
                 else:
