@@ -126,6 +126,16 @@ def _read_plan_file(path: str, dest: str):
     return load_scheme_file(path)
 
 
+def read_recipe(path: str):
+    """The recipe in ``path`` (qdoctor's or llm-compressor's), its import notes printed one a line."""
+    from qdoctor.policy.recipe import read_recipe as read
+
+    recipe, notes = read(path)
+    for note in notes:
+        say(f"{path}: note: {note}")
+    return recipe
+
+
 def check_plan_fits(model, plan, what: str = "plan") -> None:
     """Every override glob of a scheme or recipe, and every smoothing step's layer glob, must
     match a linear layer of ``model``: a plan written for another model (other layer names,

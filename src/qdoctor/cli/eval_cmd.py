@@ -14,6 +14,7 @@ from qdoctor.cli.common import (
     environment,
     load_model,
     positive_int,
+    read_recipe,
     refuse_unused,
     require_parent,
     say,
@@ -61,9 +62,7 @@ def resolve_schemes(args) -> list:
 
         schemes.append(load_scheme_file(args.scheme_file))
     if args.recipe:
-        from qdoctor.policy.recipe import load_recipe
-
-        schemes.append(load_recipe(args.recipe))
+        schemes.append(read_recipe(args.recipe))
     if not schemes:
         raise QDoctorError("no scheme given")
     return schemes

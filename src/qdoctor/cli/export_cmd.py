@@ -12,6 +12,7 @@ from qdoctor.cli.common import (
     calib_config,
     load_model,
     positive_int,
+    read_recipe,
     refuse_unused,
     require_parent,
     say,
@@ -109,11 +110,7 @@ def run(args) -> int:
 def _read_plan(args):
     """A Scheme or a Recipe, read and validated before the model is loaded."""
     if args.recipe:
-        try:
-            from qdoctor.policy.recipe import load_recipe
-        except ImportError as e:
-            raise QDoctorError(f"--recipe needs qdoctor.policy.recipe, which cannot be imported ({e})") from None
-        return load_recipe(args.recipe)
+        return read_recipe(args.recipe)
     if args.scheme_file:
         from qdoctor.quant.schemefile import load_scheme_file
 
