@@ -106,7 +106,7 @@ def load_model(args):
         value = getattr(args, dest, None)
         if value is not None and (dest not in defaults or value != defaults[dest]):
             check_context(model, value, "--" + dest.replace("_", "-"))
-    for dest, what in (("recipe", "recipe"), ("scheme_file", "scheme file")):
+    for dest, what in (("recipe", "recipe"), ("start_from", "recipe"), ("scheme_file", "scheme file")):
         path = getattr(args, dest, None)
         if path:  # read again (cheap): its layer names must exist in this model
             check_plan_fits(model, _read_plan_file(path, dest), f"{path}: {what}")
@@ -117,7 +117,7 @@ def load_model(args):
 
 
 def _read_plan_file(path: str, dest: str):
-    if dest == "recipe":
+    if dest in ("recipe", "start_from"):
         from qdoctor.policy.recipe import load_recipe
 
         return load_recipe(path)
