@@ -88,25 +88,79 @@ def test_argument_errors(tiny_llama_dir):
         QDoctorLM(pretrained=model, tokenizer=tok, scheme="w3a3")
 
 
-def test_lm_eval_cli_with_model_qdoctor(tiny_llama_dir, tmp_path):
-    """`python -m qdoctor.eval.lm_eval_backend` is lm-eval's CLI with --model qdoctor available;
-    the task is lm-eval's own piqa.yaml (included) over our local file."""
+def local_task_dir(tmp_path, task: str = "piqa"):
+    """A folder for --include_path with ``qd_<task>``: lm-eval's own task YAML (included) over our local
+    file, so lm-eval runs offline."""
     import lm_eval
 
-    piqa_yaml = f"{lm_eval.__path__[0]}/tasks/piqa/piqa.yaml"
-    data, _ = load_items("piqa")
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "qd_piqa.yaml").write_text(
-        f"include: {piqa_yaml}\ntask: qd_piqa\ndataset_path: json\ndataset_name: null\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {data}\n  cache_dir: {tmp_path / 'hf'}\n"
+    spec = get_task(task)
+    data, _ = load_items(spec)
+    folder = tmp_path / "tasks"
+    folder.mkdir(exist_ok=True)
+    (folder / f"qd_{task}.yaml").write_text(
+        f"include: {lm_eval.__path__[0]}/tasks/{spec.lm_eval_config}\ntask: qd_{task}\ndataset_path: json\n"
+        f"dataset_name: null\ndataset_kwargs:\n  data_files:\n    test: {data}\n  cache_dir: {tmp_path / 'hf'}\n"
         "training_split: null\nvalidation_split: null\ntest_split: test\n")
-    cmd = [sys.executable, "-m", "qdoctor.eval.lm_eval_backend", "--model", "qdoctor",
-           "--model_args", f"pretrained={tiny_llama_dir},dtype=fp32", "--tasks", "qd_piqa",
-           "--include_path", str(tmp_path / "tasks"), "--limit", "4", "--device", "cpu", "--batch_size", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={"HF_DATASETS_OFFLINE": "1",
-                                                                                 **__import__("os").environ})
+    return folder
+
+
+def test_lm_eval_cli_with_model_qdoctor(tiny_llama_dir, tmp_path):
+    """`qdoctor-lm-eval` (the console script; `python -m qdoctor.eval.lm_eval_backend` where it is not
+    installed) is lm-eval's CLI with --model qdoctor available, lm-eval's own arguments unchanged; its
+    accuracy on the first 4 PIQA items is what `qdoctor eval --tasks piqa --limit 4` reports."""
+    import json
+    import os
+    import shutil
+
+    from qdoctor.cli import main
+
+    folder = local_task_dir(tmp_path)
+    script = shutil.which("qdoctor-lm-eval")
+    cmd = [script] if script else [sys.executable, "-m", "qdoctor.eval.lm_eval_backend"]
+    cmd += ["--model", "qdoctor", "--model_args", f"pretrained={tiny_llama_dir},dtype=fp32", "--tasks", "qd_piqa",
+            "--include_path", str(folder), "--limit", "4", "--device", "cpu", "--batch_size", "2",
+            "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ,
+                                                                                 "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "qd_piqa" in proc.stdout and "acc_norm" in proc.stdout
+    lm_eval_acc = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["qd_piqa"]
+    report = tmp_path / "ours.json"
+    assert main(["eval", "--model", str(tiny_llama_dir), "--tasks", "piqa", "--limit", "4", "--json", str(report)]) == 0
+    rows = {r["metric"]: r for r in json.loads(report.read_text())["rows"] if r["plan"] == "full-precision"}
+    assert rows["acc"]["items"] == 4
+    for metric in ("acc", "acc_norm"):
+        assert lm_eval_acc[f"{metric},none"] == pytest.approx(rows[metric]["value"], abs=1e-9)
+
+
+def test_simple_evaluate_by_name_with_an_lc_recipe_equals_qdoctor_eval(tiny_llama_dir, tmp_path):
+    """The Python API after `import qdoctor.eval.lm_eval_backend`: model="qdoctor" with model_args as a
+    string, recipe= an llm-compressor recipe; accuracy equals `qdoctor eval --tasks … --recipe` on the same
+    items (FP8 per-token dynamic: no calibration, and batching cannot change the numbers)."""
+    import json
+    import logging
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from qdoctor.cli import main
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    lc = tmp_path / "lc.yaml"
+    lc.write_text("quant_stage:\n  quant_modifiers:\n    QuantizationModifier: {scheme: FP8_DYNAMIC, "
+                  "ignore: [lm_head]}\n")
+    folder = local_task_dir(tmp_path, "arc_easy")
+    out = lm_eval.simple_evaluate(model="qdoctor", model_args=f"pretrained={tiny_llama_dir},recipe={lc},dtype=fp32",
+                                  tasks=["qd_arc_easy"], task_manager=TaskManager(include_path=str(folder)), limit=5,
+                                  device="cpu", bootstrap_iters=0, verbosity="ERROR")
+    got = out["results"]["qd_arc_easy"]
+    report = tmp_path / "ours.json"
+    assert main(["eval", "--model", str(tiny_llama_dir), "--tasks", "arc_easy", "--limit", "5", "--recipe", str(lc),
+                 "--json", str(report)]) == 0
+    rows = {r["metric"]: r for r in json.loads(report.read_text())["rows"] if r["plan"] != "full-precision"}
+    assert rows["acc"]["items"] == 5
+    for metric in ("acc", "acc_norm"):
+        assert got[f"{metric},none"] == pytest.approx(rows[metric]["value"], abs=1e-9)
 
 
 def test_module_object_keeps_working_after_lm_eval(tiny_llama_dir):

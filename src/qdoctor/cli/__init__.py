@@ -107,12 +107,32 @@ def launched_world(args):
             quiet.close()
 
 
+def _given_options(parser: argparse.ArgumentParser, command: str, argv: list[str]) -> set[str]:
+    """dests of the chosen sub-command's options that the user wrote (``--limit 2048`` counts even
+    when 2048 is the default): the same arguments parsed again with every default suppressed."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            sub = action.choices[command]
+            saved = [(a, a.default) for a in sub._actions]
+            for a, _ in saved:
+                a.default = argparse.SUPPRESS
+            try:
+                given = vars(parser.parse_args(argv))
+            finally:
+                for a, default in saved:
+                    a.default = default
+            return {dest for dest in given if dest not in ("command", "func")}
+    return set()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:  # a Ctrl-C while the sub-commands are imported is an interrupt too, not a traceback
         parser = build_parser()
         argv = sys.argv[1:] if argv is None else list(argv)
-        args = parser.parse_args(join_negative_values(parser, argv))
+        argv = join_negative_values(parser, argv)
+        args = parser.parse_args(argv)
         args.qdoctor_defaults = _command_defaults(parser, args.command)
+        args.qdoctor_given = _given_options(parser, args.command, argv)
         with launched_world(args):
             return int(args.func(args) or 0)
     except QDoctorError as e:

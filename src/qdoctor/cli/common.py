@@ -39,12 +39,38 @@ def add_calib_args(p: argparse.ArgumentParser, samples: int = 64, seqlen: int = 
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
 
 
-def add_ppl_args(p: argparse.ArgumentParser, limit: int | None = None) -> None:
+def add_ppl_args(p: argparse.ArgumentParser, limit: int | None = None, limit_help: str | None = None) -> None:
     p.add_argument("--seqlen", type=positive_int, default=2048, help="perplexity window (default 2048)")
     p.add_argument("--limit", type=positive_int, default=limit,
-                   help="evaluate only the first N windows" + (f" (default {limit})" if limit else " (default: all)"))
+                   help=limit_help or "evaluate only the first N windows" + (f" (default {limit})" if limit
+                                                                            else " (default: all)"))
     p.add_argument("--text", default="wikitext2:test",
                    help="evaluation text: wikitext2:test (default) or a UTF-8 text file")
+
+
+def was_given(args, dest: str) -> bool:
+    """Whether the user wrote the option ``dest`` (``main`` records them; a Namespace built by
+    hand counts a value other than the default as given)."""
+    given = getattr(args, "qdoctor_given", None)
+    if given is not None:
+        return dest in given
+    defaults = getattr(args, "qdoctor_defaults", {})
+    return dest in defaults and getattr(args, dest, None) != defaults[dest]
+
+
+def option_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def refuse_unused(args, dests, why: str) -> None:
+    """One line instead of silently ignoring options the chosen mode does not read: the given
+    ones among ``dests`` are refused with ``why`` (a clause: "… apply to perplexity only")."""
+    given = [option_name(d) for d in dests if was_given(args, d)]
+    if given:
+        raise QDoctorError(f"{', '.join(given)} {why}")
+
+
+CALIB_OPTIONS = ("calib_samples", "calib_seqlen", "calib_source", "seed")
 
 
 def positive_int(text: str) -> int:
@@ -81,7 +107,7 @@ def load_model(args):
         value = getattr(args, dest, None)
         if value is not None and (dest not in defaults or value != defaults[dest]):
             check_context(model, value, "--" + dest.replace("_", "-"))
-    for dest, what in (("recipe", "recipe"), ("scheme_file", "scheme file")):
+    for dest, what in (("recipe", "recipe"), ("start_from", "recipe"), ("scheme_file", "scheme file")):
         path = getattr(args, dest, None)
         if path:  # read again (cheap): its layer names must exist in this model
             check_plan_fits(model, _read_plan_file(path, dest), f"{path}: {what}")
@@ -92,13 +118,23 @@ def load_model(args):
 
 
 def _read_plan_file(path: str, dest: str):
-    if dest == "recipe":
+    if dest in ("recipe", "start_from"):
         from qdoctor.policy.recipe import load_recipe
 
         return load_recipe(path)
     from qdoctor.quant.schemefile import load_scheme_file
 
     return load_scheme_file(path)
+
+
+def read_recipe(path: str):
+    """The recipe in ``path`` (qdoctor's or llm-compressor's), its import notes printed one a line."""
+    from qdoctor.policy.recipe import read_recipe as read
+
+    recipe, notes = read(path)
+    for note in notes:
+        say(f"{path}: note: {note}")
+    return recipe
 
 
 def check_plan_fits(model, plan, what: str = "plan") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from qdoctor.cli.common import (
+    CALIB_OPTIONS,
     add_calib_args,
     add_model_args,
     add_ppl_args,
@@ -13,9 +14,12 @@ from qdoctor.cli.common import (
     environment,
     load_model,
     positive_int,
+    read_recipe,
+    refuse_unused,
     require_parent,
     say,
     split_list,
+    was_given,
 )
 from qdoctor.errors import QDoctorError
 
@@ -27,14 +31,17 @@ def register(sub) -> None:
     add_stream_arg(p)
     p.add_argument("--scheme", action="append", default=None,
                    help="named scheme (repeat or comma-separate; default w8a8-channel-token). "
-                        "See `qdoctor models --schemes`")
+                        "See `qdoctor models`")
     p.add_argument("--scheme-file", default=None, help="a scheme as JSON/YAML (see docs/schemes.md)")
-    p.add_argument("--recipe", default=None, help="a recipe from `qdoctor fix` (evaluated like a scheme)")
-    add_ppl_args(p)
+    p.add_argument("--recipe", default=None, help="a recipe from `qdoctor fix` or an llm-compressor recipe "
+                                                  "(evaluated like a scheme; docs/fix.md)")
+    add_ppl_args(p, limit_help="perplexity: the first N windows (default: all); with --tasks: the first N items "
+                               "of each task, as lm-eval's --limit")
     p.add_argument("--tasks", default=None,
                    help="zero-shot tasks instead of perplexity: comma list or 'all' (piqa, arc_easy, arc_challenge, "
                         "hellaswag, winogrande, boolq, openbookqa, lambada_openai)")
-    p.add_argument("--task-limit", type=positive_int, default=None, help="first N items of each task")
+    p.add_argument("--task-limit", type=positive_int, default=None,
+                   help="first N items of each task (the same as --limit with --tasks)")
     p.add_argument("--subsample", type=positive_int, default=None, help="N items per task drawn with --task-seed")
     p.add_argument("--task-seed", type=int, default=1234, help="subsample seed (default 1234)")
     p.add_argument("--task-data", default=None, help="folder with your own <task>.jsonl files (docs/zeroshot.md)")
@@ -55,16 +62,43 @@ def resolve_schemes(args) -> list:
 
         schemes.append(load_scheme_file(args.scheme_file))
     if args.recipe:
-        from qdoctor.policy.recipe import load_recipe
-
-        schemes.append(load_recipe(args.recipe))
+        schemes.append(read_recipe(args.recipe))
     if not schemes:
         raise QDoctorError("no scheme given")
     return schemes
 
 
+PPL_ONLY = ("seqlen", "text")
+TASK_ONLY = ("task_limit", "subsample", "task_seed", "task_data")
+
+
+def check_options(args, plans) -> None:
+    """Refuse the options the chosen mode would ignore (one line each, before the model is loaded)."""
+    from qdoctor.policy.recipe import Recipe
+
+    if args.tasks:
+        refuse_unused(args, PPL_ONLY, "only apply to perplexity windows; zero-shot tasks (--tasks) score whole "
+                                      "items (use --limit N for the first N items of each task)")
+        refuse_unused(args, ("stream",), "scores perplexity only: zero-shot tasks apply each plan to the whole "
+                                         "model in memory")
+        if was_given(args, "limit") and was_given(args, "task_limit") and args.limit != args.task_limit:
+            raise QDoctorError(f"--limit {args.limit} and --task-limit {args.task_limit} disagree: with --tasks both "
+                               "mean items per task; give one")
+        if args.subsample is not None and (was_given(args, "limit") or was_given(args, "task_limit")):
+            raise QDoctorError("give either --limit N (the first N items of each task) or --subsample N "
+                               "(N items drawn with --task-seed), not both")
+        if args.subsample is None:
+            refuse_unused(args, ("task_seed",), "only applies with --subsample (it seeds the item draw)")
+    else:
+        refuse_unused(args, TASK_ONLY, "only apply with --tasks (zero-shot accuracy)")
+    if not any(not isinstance(p, Recipe) and p.needs_calibration for p in plans):
+        refuse_unused(args, CALIB_OPTIONS, "would be ignored: no scheme here is calibrated by them (dynamic "
+                                           "schemes need no calibration; a recipe calibrates as its file says)")
+
+
 def run(args) -> int:
     schemes = resolve_schemes(args)
+    check_options(args, schemes)
     require_parent(args.json)
     if args.tasks:
         return run_tasks(args, schemes)
@@ -146,7 +180,7 @@ def run_tasks(args, plans) -> int:
         get_task(t)  # validate names before loading the model
     t0 = time.perf_counter()
     model, tok = load_model(args)
-    kw = dict(tasks=tasks, limit=args.task_limit, subsample=args.subsample, seed=args.task_seed,
+    kw = dict(tasks=tasks, limit=args.task_limit or args.limit, subsample=args.subsample, seed=args.task_seed,
               data_dir=args.task_data)
     runs = {"full-precision": evaluate(model, tok, **kw)}
     for plan in plans:
@@ -195,7 +229,8 @@ def run_tasks(args, plans) -> int:
         from qdoctor.io import atomic_write_json
 
         atomic_write_json(args.json, {"qdoctor_version": __version__, "command": "eval --tasks", "model": args.model,
-                                      "subsample": args.subsample, "task_seed": args.task_seed,  # the item sampler
+                                      "limit": kw["limit"], "subsample": args.subsample,
+                                      "task_seed": args.task_seed,  # the item sampler
                                       "rows": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
         say(f"wrote {args.json}")
     return 0

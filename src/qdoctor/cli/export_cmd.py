@@ -8,9 +8,12 @@ from qdoctor.cli.common import (
     add_calib_args,
     add_model_args,
     add_stream_arg,
+    CALIB_OPTIONS,
     calib_config,
     load_model,
     positive_int,
+    read_recipe,
+    refuse_unused,
     require_parent,
     say,
 )
@@ -60,7 +63,15 @@ def run(args) -> int:
     require_parent(args.json)
     shard_size = None if args.max_shard_size == "block" else args.max_shard_size
     shard_size_bytes(shard_size)  # a bad size fails before the model is loaded
+    if not args.ppl_windows:
+        refuse_unused(args, ("ppl_seqlen",), "only applies with --ppl-windows N (the model-card perplexity)")
     plan = _read_plan(args)
+    if isinstance(plan, Recipe):
+        refuse_unused(args, CALIB_OPTIONS, "would be ignored: a recipe calibrates as its file says (edit its "
+                                           "'calibration' instead)")
+    elif not plan.needs_calibration:
+        refuse_unused(args, CALIB_OPTIONS, f"would be ignored: {plan.name} needs no calibration (dynamic "
+                                           "activations or weight-only)")
     recipe = Recipe.of(plan, calib_config(args))
     card = _read_card(args.card) if args.card else {}
     t0 = time.perf_counter()
@@ -99,11 +110,7 @@ def run(args) -> int:
 def _read_plan(args):
     """A Scheme or a Recipe, read and validated before the model is loaded."""
     if args.recipe:
-        try:
-            from qdoctor.policy.recipe import load_recipe
-        except ImportError as e:
-            raise QDoctorError(f"--recipe needs qdoctor.policy.recipe, which cannot be imported ({e})") from None
-        return load_recipe(args.recipe)
+        return read_recipe(args.recipe)
     if args.scheme_file:
         from qdoctor.quant.schemefile import load_scheme_file
 

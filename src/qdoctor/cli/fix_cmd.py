@@ -8,7 +8,8 @@ from __future__ import annotations
 import math
 import time
 
-from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, load_model, positive_int, require_parent, say
+from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, load_model, positive_int, read_recipe, \
+    refuse_unused, require_parent, say
 from qdoctor.errors import QDoctorError
 
 
@@ -91,6 +92,10 @@ def register(sub) -> None:
     p.add_argument("--scan", default=None,
                    help="start from a saved scan (`qdoctor scan --json scan.json --for-fix`): its findings and "
                         "calibration statistics replace the fix's own calibration pass; its settings must match")
+    p.add_argument("--start-from", default=None,
+                   help="a recipe to search from (qdoctor's or llm-compressor's): measured as the naive plan, its "
+                        "loss attributed to the scan's weight-outlier / spike layers under its scheme, then "
+                        "treated like the target scheme (replaces --target)")
     p.add_argument("--recipe-out", default=None, help="write the plan as a recipe (YAML, or JSON by extension)")
     p.add_argument("--json", default=None, help="write the search and the verification as JSON")
     p.set_defaults(func=run)
@@ -114,10 +119,16 @@ def run(args) -> int:
                    "metric_seed": 1234 if args.metric_seed is None else args.metric_seed,
                    "task_data": args.task_data}
     max_frac = parse_percent(args.max_layers) / 100.0
-    resolve_target(args.target)
+    start = None
+    if args.start_from:
+        refuse_unused(args, ("target",), "is replaced by --start-from (the search starts from that recipe's scheme)")
+        start = read_recipe(args.start_from)
+        say(f"{args.start_from}: calibration: the fix's (--calib-*, last 20% held out), not the recipe's own")
+    else:
+        resolve_target(args.target)
     for path in (args.recipe_out, args.json):
         require_parent(path)
-    cfg = FixConfig(target=args.target, budget_pct=budget, max_layer_fraction=max_frac, keep=args.keep,
+    cfg = FixConfig(target=start.scheme.name if start else args.target, budget_pct=budget, max_layer_fraction=max_frac, keep=args.keep,
                     eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   source=args.calib_source, seed=args.seed,
@@ -134,11 +145,20 @@ def run(args) -> int:
     say(("searching (the saved scan's statistics and evidence" if saved else "searching (scan: calibration and "
          "evidence") + ", then candidate plans on " +
         ("held-out text" if spec.name == "ppl" else f"{len(spec.tasks)} task(s)") + ") …")
-    searcher = Searcher(model, tok, cfg, scan=saved)
+    searcher = Searcher(model, tok, cfg, scan=saved, start=start)
     result = search(model, tok, cfg, searcher=searcher)
     print_trials(result)
+    diagnosis = None
+    if start is not None:
+        from qdoctor.policy.start import diagnose
+
+        diagnosis = diagnose(start, searcher.evidence, result.naive, result.metric_name, cfg.weight_error_threshold,
+                             cfg.spike_min_ratio, searcher.arch, model.config)
+        print_diagnosis(diagnosis, args.start_from)
     verification = verify(searcher, result, args)
     report = result.to_dict()
+    if diagnosis is not None:
+        report["start_from"] = {"path": args.start_from, **diagnosis.to_dict()}
     report.update({"model": args.model, "verification": verification, "recipe": result.recipe.to_dict(),
                    "wall_seconds": round(time.perf_counter() - t0, 1)})
     print_verification(verification, result)
@@ -260,6 +280,23 @@ def print_task_accuracy(result) -> None:
     t.add_row("mean", "", _acc(result.fp_value), cell(result.naive.value, result.fp_value),
               cell(result.best.value, result.fp_value))
     Console(width=140).print(t)
+
+
+def print_diagnosis(d, path: str) -> None:
+    """Why the start recipe loses: its measured loss and the layers the scan's evidence blames."""
+    from rich.console import Console
+    from rich.table import Table
+
+    value = f"{d.delta:+.2f}{'%' if d.unit == '%' else ' points'}"
+    t = Table(title=f"why {path} loses on this model: {value} vs full precision on the held-out "
+                    f"{'text' if d.unit == '%' else 'items'}; {len(d.layers)} layer(s) flagged")
+    for c in ("layer", "its scheme", "smoothed", "evidence"):
+        t.add_column(c)
+    for x in d.layers[:20]:
+        t.add_row(x.name, x.scheme, "yes" if x.smoothed else "no", "; ".join(x.reasons))
+    if len(d.layers) > 20:
+        t.add_row(f"… {len(d.layers) - 20} more (see --json)", "", "", "")
+    Console(width=160).print(t)
 
 
 def print_verification(v: dict, result) -> None:

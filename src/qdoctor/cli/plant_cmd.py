@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from qdoctor.cli.common import add_model_args, load_model, say, split_list
+from qdoctor.cli.common import add_model_args, load_model, refuse_unused, say, split_list
 from qdoctor.errors import QDoctorError
 
 
@@ -45,6 +45,9 @@ def run(args) -> int:
     dims = dims_list[0] if len(dims_list) == 1 and "," not in args.dims else dims_list
     if isinstance(dims, int) and dims < 1:
         raise QDoctorError("--dims must be at least 1")
+    if not isinstance(dims, int):
+        refuse_unused(args, ("seed",), "only applies when --dims is a count (it seeds the random choice of dims); "
+                                       "explicit --dims indices are used as given")
     projections = split_list(args.projections)
     out = Path(args.out).expanduser()
     if out.exists() and not args.overwrite:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import time
 
-from qdoctor.cli.common import add_model_args, add_ppl_args, add_stream_arg, load_model, require_parent, say
+from qdoctor.cli.common import add_model_args, add_ppl_args, add_stream_arg, load_model, read_recipe, require_parent, \
+    say
 
 
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="apply a recipe (from `qdoctor fix`) and measure perplexity")
     add_model_args(p)
     add_stream_arg(p)
-    p.add_argument("--recipe", required=True, help="recipe file (YAML or JSON)")
+    p.add_argument("--recipe", required=True, help="recipe file (YAML or JSON): qdoctor's or llm-compressor's "
+                                                   "(mapped; notes say what it could not express)")
     add_ppl_args(p, limit=4)
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.set_defaults(func=run)
@@ -21,9 +23,7 @@ def run(args) -> int:
     from qdoctor.calib.text import text_source
     from qdoctor.eval.perplexity import perplexity, token_windows
     from qdoctor.models.registry import bos_token_id
-    from qdoctor.policy.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe)
+    recipe = read_recipe(args.recipe)
     require_parent(args.json)
     t0 = time.perf_counter()
     model, tok = load_model(args)

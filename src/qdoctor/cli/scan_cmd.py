@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, calib_config, environment, load_model, \
-    positive_int, require_parent, say
+    positive_int, refuse_unused, require_parent, say
 from qdoctor.errors import QDoctorError
 
 
@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+SENSITIVITY_ONLY = ("sensitivity_scheme", "sensitivity_windows", "sensitivity_seqlen")
+
+
 def statistics_path(json_path: str) -> str:
     """Where the statistics of a scan saved as ``json_path`` go: ``<json stem>.stats.safetensors``
     beside it."""
@@ -69,6 +72,10 @@ def scan_config(args):
 
     if args.sensitivity:
         get_scheme(args.sensitivity_scheme)  # fail before loading the model
+    else:
+        refuse_unused(args, SENSITIVITY_ONLY, "only apply with --sensitivity layer|projection")
+    if not args.for_fix:
+        refuse_unused(args, ("sample_rows",), "only applies with --for-fix (the rows a fix keeps per input)")
     defaults = Thresholds()
     thresholds = Thresholds(
         weight_error=args.weight_error if args.weight_error is not None else defaults.weight_error,

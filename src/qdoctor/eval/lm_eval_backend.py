@@ -19,7 +19,7 @@ YAMLs), so the name exists once this module is imported. Three ways in:
     lm_eval.simple_evaluate(model=lm, tasks=[...])
 
 model_args: ``pretrained`` (anything ``qdoctor.load`` accepts, or a model object with
-``tokenizer=``), ``recipe`` (a qdoctor recipe file: calibrate, smooth, quantize) or ``scheme``
+``tokenizer=``), ``recipe`` (a qdoctor or llm-compressor recipe file: calibrate, smooth, quantize) or ``scheme``
 (a named scheme or a scheme file; calibrated on WikiText-2 when static), ``dtype`` (fp32, bf16,
 fp16), ``device``; everything else goes to HFLM (``batch_size``, ``max_length``, ``add_bos_token``...).
 For architectures that need <bos> when the tokenizer does not add it (Gemma from GGUF),
@@ -46,9 +46,14 @@ def apply_plan(model, tokenizer, recipe: str | None = None, scheme: str | None =
     if recipe and scheme:
         raise QDoctorError("give recipe= or scheme=, not both")
     if recipe:
-        from qdoctor.policy.recipe import load_recipe
+        import sys
 
-        return load_recipe(recipe).apply(model, tokenizer)
+        from qdoctor.policy.recipe import read_recipe
+
+        plan, notes = read_recipe(recipe)  # a qdoctor or an llm-compressor recipe
+        for note in notes:
+            print(f"qdoctor: {recipe}: note: {note}", file=sys.stderr)
+        return plan.apply(model, tokenizer)
     if scheme:
         from qdoctor.api import calibrate, quantize
         from qdoctor.quant.schemefile import load_scheme_file

@@ -44,6 +44,7 @@ from qdoctor.eval.perplexity import PerplexityResult, perplexity
 from qdoctor.io import atomic_write_text
 from qdoctor.models.registry import arch_for
 from qdoctor.models.streaming import each_block, require_resident
+from qdoctor.policy.lc_recipe import from_llm_compressor, is_lc_recipe
 from qdoctor.quant.apply import QuantizeResult, quantize, restore
 from qdoctor.quant.schemefile import check_recipe_dict, read_plan_data
 from qdoctor.quant.spec import Scheme
@@ -227,8 +228,23 @@ def _uses_percentile(scheme: Scheme) -> bool:
                for ls in specs)
 
 
+def read_recipe(path: str) -> tuple[Recipe, list[str]]:
+    """(the recipe in ``path``, notes for the user): a qdoctor recipe as it is, or an llm-compressor
+    recipe mapped onto one (``policy.lc_recipe``; the notes say what could not be expressed)."""
+    data = read_plan_data(path, "recipe", yaml_always=True)  # YAML is a superset of JSON
+    if not is_lc_recipe(data):
+        return Recipe.from_dict(data), []
+    try:
+        imported = from_llm_compressor(data)
+    except QDoctorError as e:
+        raise QDoctorError(f"{path}: llm-compressor recipe: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # a field of the wrong shape
+        raise QDoctorError(f"{path}: llm-compressor recipe: malformed field ({type(e).__name__}: {e})") from None
+    return Recipe.from_dict(imported.recipe), imported.notes
+
+
 def load_recipe(path: str) -> Recipe:
-    return Recipe.from_dict(read_plan_data(path, "recipe", yaml_always=True))  # YAML is a superset of JSON
+    return read_recipe(path)[0]
 
 
 def save_recipe(recipe: Recipe, path: str) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -284,9 +284,12 @@ class Searcher:
     Subclasses may override ``evaluate(plan, windows=None) -> Trial``; with a non-perplexity
     metric the returned Trial must carry ``value`` (``make_trial`` builds it)."""
 
-    def __init__(self, model, tokenizer, config: FixConfig, progress: bool = True, scan=None):
+    def __init__(self, model, tokenizer, config: FixConfig, progress: bool = True, scan=None,
+                 start: Recipe | None = None):
         self.model, self.tok, self.config, self.progress = model, tokenizer, config, progress
-        self.target = resolve_target(config.target)
+        # start: a recipe to search from (``qdoctor fix --start-from``): its plan is the naive one
+        self.start = start
+        self.target = start.scheme if start is not None else resolve_target(config.target)
         self.metric_spec = config.metric_spec
         if self.metric_spec.name != "ppl":
             require_resident(model, f"--metric {self.metric_spec}",
@@ -332,8 +335,11 @@ class Searcher:
 
     def recipe(self, plan: Plan) -> Recipe:
         scheme = self.target.with_overrides(plan.overrides, name=f"{self.target.name}+{plan.label}")
-        return Recipe(scheme=scheme, smoothing=list(plan.smoothing), calibration=self.config.calibration,
-                      model=getattr(self.model, "qdoctor_source", ""))
+        model = getattr(self.model, "qdoctor_source", "")
+        if self.start is not None:  # the start recipe's steps first, then the plan's; its other keys kept
+            return replace(self.start, scheme=scheme, smoothing=list(self.start.smoothing) + list(plan.smoothing),
+                           calibration=self.config.calibration, model=model, evidence={}, metrics={})
+        return Recipe(scheme=scheme, smoothing=list(plan.smoothing), calibration=self.config.calibration, model=model)
 
     def make_trial(self, plan: Plan, value: float, seconds: float, details: dict | None = None) -> Trial:
         """A Trial of ``plan`` scored ``value`` by the search metric."""
