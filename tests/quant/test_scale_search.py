@@ -152,3 +152,31 @@ def test_export_writes_the_searched_weight_scale(tiny_llama_dir, tmp_path):
     qc = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
     group = next(iter(qc["config_groups"].values()))
     assert group["weights"]["observer"] == "memoryless_mse"
+    assert "int8 per-channel (mse clip search)" in (tmp_path / "ckpt" / "README.md").read_text()
+
+
+def test_eval_scheme_file_with_mse_observers(tiny_llama_dir, tmp_path):
+    """``qdoctor eval --scheme-file`` reads ``observer: mse`` on weights and activations, and its
+    perplexity is the API's for the same scheme and calibration (512 sampled rows added for mse)."""
+    from qdoctor.cli import main
+    from qdoctor.policy.recipe import Recipe
+
+    spec = {"name": "mse-file", "default": {
+        "weights": {"dtype": "int8", "granularity": "tensor", "observer": "mse"},
+        "activations": {"dtype": "int8", "granularity": "tensor", "dynamic": False, "observer": "mse"}}}
+    (tmp_path / "s.yaml").write_text(json.dumps(spec))
+    out = tmp_path / "r.json"
+    assert main(["eval", "--model", str(tiny_llama_dir), "--scheme-file", str(tmp_path / "s.yaml"), "--seqlen", "64",
+                 "--limit", "1", "--calib-samples", "2", "--calib-seqlen", "32", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["results"][1]
+    assert row["scheme"] == "mse-file"
+    model, tok = qdoctor.load(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    from qdoctor.calib.text import text_source
+    from qdoctor.eval.perplexity import token_windows
+    from qdoctor.models.registry import bos_token_id
+
+    windows = token_windows(tok, text_source("wikitext2:test"), 64, bos_token_id(model, tok))
+    recipe = Recipe.of(Scheme.from_dict(spec), qdoctor.CalibrationConfig(n_samples=2, seqlen=32))
+    assert recipe.calibration_config().sample_rows == 512
+    ppl, _ = recipe.perplexity(model, tok, windows, limit=1)
+    assert row["ppl"] == pytest.approx(ppl.ppl, rel=1e-9)
