@@ -97,10 +97,12 @@ def test_mse_after_smoothing_reads_the_rescaled_rows():
     batches = heavy_batches(seed=1)
     st = recorded(batches, sample_rows=10_000)
     inv = torch.linspace(0.5, 2.0, 24)
+    before = st.observe("mse", INT8)  # remembered for layers sharing the input, forgotten on rescaling
     st.rescale_channels(inv)  # per-token maxima go stale; rows and channel maxima are exact
     x = (torch.cat(batches).reshape(-1, 24) * inv).double().numpy()
     a_abs, errs = ref_search(x, "int8")
     assert st.observe("mse", INT8) == pytest.approx(CLIP_GRID[int(np.argmin(errs))] * a_abs, rel=1e-6)
+    assert st.observe("mse", INT8) != before
 
 
 def test_estimate_is_exact_when_the_sample_holds_every_row():

@@ -55,6 +55,7 @@ class LinearInputStats:
     _row_keys: torch.Tensor | None = None
     _gen: torch.Generator | None = None
     name: str = ""  # the layer's full name, for error messages
+    _observed: dict = field(default_factory=dict)  # (observer, dtype) → a; layers sharing an input ask once
 
 
     def __post_init__(self):
@@ -76,6 +77,7 @@ class LinearInputStats:
         del ax
         self._token_rows.append(tok)
         self._token_absmax = None
+        self._observed = {}
         if self.sample_rows > 0:
             self._sample(x.detach().reshape(-1, x.shape[-1]))
         return tok
@@ -106,6 +108,7 @@ class LinearInputStats:
             self.rows = self.rows * inv
         self._token_rows = []
         self._token_absmax = None
+        self._observed = {}
         self.stale_tokens = True
 
     stale_tokens: bool = False
@@ -140,7 +143,10 @@ class LinearInputStats:
             fn = OBSERVERS[kind]
         except KeyError:
             raise QDoctorError(f"unknown observer {observer!r}; known: {', '.join(OBSERVERS)}") from None
-        return fn(self, arg, spec)
+        key = (observer, spec.dtype)
+        if key not in self._observed:
+            self._observed[key] = fn(self, arg, spec)
+        return self._observed[key]
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.channel_absmax": self.channel_absmax.contiguous(),
