@@ -44,7 +44,7 @@ def test_bad_dicts_give_clear_errors():
     with pytest.raises(QDoctorError, match="granularity"):
         QuantSpec.from_dict({"granularity": "row"})
     with pytest.raises(QDoctorError, match="observer"):
-        QuantSpec(observer="mse")
+        QuantSpec(observer="minmax")
     with pytest.raises(QDoctorError, match="percentile"):
         QuantSpec(observer="percentile:150")
 

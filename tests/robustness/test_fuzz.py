@@ -25,7 +25,7 @@ spec_dicts = st.fixed_dictionaries({}, optional={
     "dtype": st.sampled_from(["int8", "fp8", "int4", "", None]) | json_scalars,
     "granularity": granularity_text | json_scalars,
     "dynamic": json_scalars,
-    "observer": st.sampled_from(["absmax", "percentile:99.9", "percentile:0", "percentile:101", "percentile:x",
+    "observer": st.sampled_from(["absmax", "mse", "percentile:99.9", "percentile:0", "percentile:101", "percentile:x",
                                  "median"]) | json_scalars,
     "bogus": json_scalars,
 })

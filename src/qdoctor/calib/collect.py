@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from qdoctor.calib.observers import LinearInputStats, reduce_over_ranks
+from qdoctor.calib.observers import DEFAULT_ACT_SPEC, LinearInputStats, reduce_over_ranks
 from qdoctor.calib.text import CALIBRATION_SPLIT, text_source
 from qdoctor.calib.windows import prepend_bos, window_body
 from qdoctor.distributed import World, current_world
@@ -23,6 +23,7 @@ from qdoctor.io import atomic_path
 from qdoctor.models.loading import check_context
 from qdoctor.models.registry import arch_for, block_linear_names, bos_token_id
 from qdoctor.models.streaming import stream_blocks
+from qdoctor.quant.spec import QuantSpec
 
 
 STATS_VERSION = 1  # of the saved statistics file (CalibrationStats.save)
@@ -59,8 +60,8 @@ class CalibrationStats:
         except KeyError:
             raise QDoctorError(f"no calibration statistics for layer {name!r}") from None
 
-    def act_absmax(self, name: str, observer: str = "absmax") -> float:
-        return self[name].observe(observer)
+    def act_absmax(self, name: str, observer: str = "absmax", spec: QuantSpec = DEFAULT_ACT_SPEC) -> float:
+        return self[name].observe(observer, spec)
 
     def save(self, path: str) -> None:
         """Write the statistics to one safetensors file, atomically: per recording layer (layers

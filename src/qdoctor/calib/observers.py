@@ -9,8 +9,9 @@ Per linear input X (tokens × K channels) we keep, as running reductions (never 
   statistics that need values rather than maxima (median ranges, output errors).
 
 Everything the static-scale observers, spike detection and smoothing need derives from these.
-Observers are registered by name (``absmax``, ``percentile``) and map stats → absmax a;
-the static scale is then s = a / qmax.
+Observers are registered by name (``absmax``, ``percentile``, ``mse``) and map stats (and the
+activation spec: its dtype sets the rounding the ``mse`` search measures) → absmax a; the static
+scale is then s = a / qmax.
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ import torch
 
 from qdoctor.distributed import World, top_keys
 from qdoctor.errors import QDoctorError
+from qdoctor.quant.fake import clip_error, clip_search
+from qdoctor.quant.granularity import PerTensor
+from qdoctor.quant.spec import QuantSpec, percentile_of
 
-ObserverFn = Callable[["LinearInputStats", str], float]
+ObserverFn = Callable[["LinearInputStats", str, QuantSpec], float]
 OBSERVERS: dict[str, ObserverFn] = {}
+# what each observer reads beyond the channel maxima: the per-token maxima (stale after smoothing,
+# so a smoothed plan recalibrates for them) or the sampled rows (calibrate with sample_rows > 0)
+NEEDS_TOKEN_MAXIMA = frozenset({"percentile"})
+NEEDS_ROWS = frozenset({"mse"})
+DEFAULT_ACT_SPEC = QuantSpec("int8", PerTensor())
 
 
 def register_observer(name: str):
@@ -48,6 +57,7 @@ class LinearInputStats:
     _gen: torch.Generator | None = None
     name: str = ""  # the layer's full name, for error messages
     row_offset: int = 0  # rows seen before this process's first (a rank's shard: ``qdoctor.distributed``)
+    _observed: dict = field(default_factory=dict)  # (observer, dtype) → a; layers sharing an input ask once
 
 
     def __post_init__(self):
@@ -69,6 +79,7 @@ class LinearInputStats:
         del ax
         self._token_rows.append(tok)
         self._token_absmax = None
+        self._observed = {}
         if self.sample_rows > 0:
             self._sample(x.detach().reshape(-1, x.shape[-1]))
         return tok
@@ -100,6 +111,7 @@ class LinearInputStats:
             self.rows = self.rows * inv
         self._token_rows = []
         self._token_absmax = None
+        self._observed = {}
         self.stale_tokens = True
 
     stale_tokens: bool = False
@@ -126,14 +138,18 @@ class LinearInputStats:
     def tensor_absmax(self) -> float:
         return float(self.channel_absmax.max())
 
-    def observe(self, observer: str) -> float:
-        """The absmax a chosen by ``observer`` (``absmax`` or ``percentile:<p>``)."""
+    def observe(self, observer: str, spec: QuantSpec = DEFAULT_ACT_SPEC) -> float:
+        """The absmax a chosen by ``observer`` (``absmax``, ``percentile:<p>`` or ``mse``) for
+        activations quantized per ``spec`` (per-tensor static)."""
         kind, _, arg = observer.partition(":")
         try:
             fn = OBSERVERS[kind]
         except KeyError:
             raise QDoctorError(f"unknown observer {observer!r}; known: {', '.join(OBSERVERS)}") from None
-        return fn(self, arg)
+        key = (observer, spec.dtype)
+        if key not in self._observed:
+            self._observed[key] = fn(self, arg, spec)
+        return self._observed[key]
 
     def to_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.channel_absmax": self.channel_absmax.contiguous(),
@@ -172,6 +188,7 @@ def reduce_over_ranks(stats: "list[LinearInputStats]", world: World) -> None:
         st.channel_absmax = maxima[j].clone()
         st._token_rows = [t for part in parts for t in part[j][0]]
         st._token_absmax = None
+        st._observed = {}
         sampled = [part[j] for part in parts if part[j][1] is not None]
         if st.sample_rows > 0 and sampled:
             keys = torch.cat([p[2] for p in sampled])
@@ -197,19 +214,58 @@ def check_finite_input(channel_max: torch.Tensor, name: str) -> None:
 
 
 @register_observer("absmax")
-def absmax_observer(stats: LinearInputStats, _arg: str) -> float:
+def absmax_observer(stats: LinearInputStats, _arg: str, _spec: QuantSpec) -> float:
     """a = max over all calibration tokens and channels of |x|."""
     return stats.tensor_absmax
 
 
 @register_observer("percentile")
-def percentile_observer(stats: LinearInputStats, arg: str) -> float:
+def percentile_observer(stats: LinearInputStats, arg: str, _spec: QuantSpec) -> float:
     """a = p-th percentile (linear interpolation) of the per-token absmax values.
 
     Clips the rare spike tokens: tokens above a are saturated to ±qmax·s."""
-    from qdoctor.quant.spec import percentile_of
-
     p = percentile_of(f"percentile:{arg}")
     t = stats.token_absmax.flatten()
     return float(torch.quantile(t, p / 100.0)) if t.numel() <= 16_000_000 else float(
         torch.kthvalue(t, max(1, int(round(p / 100.0 * t.numel()))))[0])
+
+
+def sampled_clip_error(rows: torch.Tensor, spec: QuantSpec, amax: torch.Tensor,
+                       token_absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Estimate of E(a) = Σ_{all N calibration tokens t} ‖x_t − D(Q(x_t; a/qmax))‖² from n sampled rows:
+
+        E(a) ≈ (N/n)·Σ_{r in sample} [‖r − D(Q(r))‖² − (max|r| − a)₊²]  +  Σ_{t ≤ N} (m_t − a)₊²
+
+    with m_t the exact per-token maxima (``token_absmax``, N values). The clipping error of each
+    token's largest element, (m_t − a)₊² (it saturates to ±a exactly), is counted exactly for every
+    token — the rare spike tokens a uniform sample misses are where that term lives — and only
+    the rest is estimated from the sample (unbiased: the sample is uniform). Without
+    ``token_absmax`` (stale after smoothing), or when the sample holds every row, it is the plain
+    sum over the rows Σ_r ‖r − D(Q(r))‖² (the exact E when n = N)."""
+    err = clip_error(rows, spec, amax)
+    n = rows.shape[0]
+    if token_absmax is None or token_absmax.numel() <= n:
+        return err
+    top_sampled = (rows.abs().amax(dim=-1).float() - amax).clamp_min(0).square().sum()
+    top_all = (token_absmax.float() - amax).clamp_min(0).square().sum()
+    return (err - top_sampled) * (token_absmax.numel() / n) + top_all
+
+
+@register_observer("mse")
+def mse_observer(stats: LinearInputStats, arg: str, spec: QuantSpec) -> float:
+    """a* = c*·absmax, c* = argmin_{c ∈ CLIP_GRID} E(c·absmax) (``sampled_clip_error``: the
+    quantization error of the calibration tokens in ``spec``'s format — INT8 or E4M3 rounding),
+    absmax the exact max over every token. Needs the sampled rows (``sample_rows > 0``); uses the
+    exact per-token maxima for the spike tokens while they are current (not after smoothing,
+    which rescales the rows and channel maxima exactly but not the token maxima)."""
+    if arg:
+        raise QDoctorError(f"observer 'mse' takes no argument, got 'mse:{arg}'")
+    if stats.rows is None or stats.rows.shape[0] == 0:
+        raise QDoctorError(f"observer 'mse' needs sampled calibration rows{' of ' + stats.name if stats.name else ''}: "
+                           "calibrate with sample_rows > 0")
+    amax = torch.tensor(stats.tensor_absmax, dtype=torch.float32)
+    if float(amax) == 0.0:
+        return 0.0
+    rows = stats.rows.float()
+    tokens = None if stats.stale_tokens else stats.token_absmax.flatten()
+    return float(clip_search(amax, lambda cand: sampled_clip_error(rows, spec, cand, tokens)))

@@ -137,6 +137,8 @@ def _spec(spec, weights: bool) -> str:
     text = f"{spec.dtype} per-{g}" if not g.startswith("group") else f"{spec.dtype} {g}"
     if not weights:
         text += " dynamic" if spec.dynamic else f" static ({spec.observer})"
+    elif spec.observer != "absmax":
+        text += f" ({spec.observer} clip search)"
     return text
 
 

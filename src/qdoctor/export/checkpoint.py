@@ -278,13 +278,16 @@ def compress_layer(ql: QuantLinear, ct_scheme, bias_dtype: torch.dtype | None = 
     from compressed_tensors.compressors import BaseCompressor
 
     compressor = BaseCompressor.get_value_from_registry(_fmt(ct_scheme.format))
-    state = {"weight": ql.weight.detach().float(), "weight_scale": ct_weight_scale(ql)}
+    # the compressor is given ŵ = q·s, not W: round(ŵ/s) = q exactly (|q·s/s − q| ≪ 1/2), so the codes
+    # are qdoctor's whatever chose the scale. From W, a clipped scale (observer mse) would differ:
+    # compressed-tensors clamps INT8 to [−128, 127], qdoctor to ±127.
+    w_hat = ql.dequantized_weight()  # not cached on the layer: one layer's fp32 copy at a time
+    state = {"weight": w_hat, "weight_scale": ct_weight_scale(ql)}
     if ql.input_scale is not None:
         state["input_scale"] = ql.input_scale.detach().float().reshape(1)
     packed = compressor.compress(state, ct_scheme)
     del state
     restored = compressor.decompress(dict(packed), ct_scheme)["weight"]
-    w_hat = ql.dequantized_weight()  # not cached on the layer: one layer's fp32 copy at a time
     if restored.shape != w_hat.shape:
         raise RuntimeError(f"{ql.name}: compressed-tensors returned shape {tuple(restored.shape)}")
     if not torch.equal(restored.float(), w_hat):

@@ -7,9 +7,10 @@ One ``QuantSpec`` becomes one ``compressed_tensors.QuantizationArgs``:
     dynamic     activations as in the spec (static per-tensor scales are stored as ``input_scale``)
     symmetric   always (qdoctor has no zero points)
     observer    informational, llm-compressor's names: weights ``memoryless_minmax`` (absmax of the
-                live tensor, what qdoctor computes); static absmax activations ``static_minmax``
-                (max over every calibration token); left unset for dynamic activations and for
-                the percentile observer, which has no llm-compressor equivalent.
+                live tensor) or, for the ``mse`` clip search, ``memoryless_mse``; static absmax
+                activations ``static_minmax`` (max over every calibration token); left unset for
+                dynamic activations and for the percentile and mse activation observers, which
+                have no llm-compressor equivalent (its ``mse`` is a moving average over batches).
 
 Layers with an identical ``LayerScheme`` form one config group. Targets follow the matching
 rules of both loaders — compressed-tensors (``utils.match``) and vLLM
@@ -51,6 +52,7 @@ _STRATEGY = {PerTensor: "tensor", PerChannel: "channel", PerToken: "token", PerG
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
+_WEIGHT_OBSERVER_NAMES = {"absmax": "memoryless_minmax", "mse": "memoryless_mse"}  # llm-compressor's names
 _INDEXED = re.compile(r"^(?P<prefix>.*?\.)(?P<idx>\d+)(?P<suffix>\..+)$")
 
 
@@ -64,7 +66,7 @@ def quantization_args(spec: QuantSpec, *, weights: bool):
     if isinstance(g, PerGroup):
         kwargs["group_size"] = int(g.group_size)
     if weights:
-        kwargs["observer"] = "memoryless_minmax"
+        kwargs["observer"] = _WEIGHT_OBSERVER_NAMES[spec.observer]
     elif not spec.dynamic and spec.observer == "absmax":
         kwargs["observer"] = "static_minmax"
     try:

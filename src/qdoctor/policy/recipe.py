@@ -25,7 +25,8 @@ blocks by the pipeline (``models.streaming``):
 
 Calibration: the recipe's seeded config gives the same statistics every time; a percentile
 observer after smoothing needs the per-token maxima of the smoothed model, so those come from
-one more calibration pass with the smoothing alone applied (``quantization_stats``).
+one more calibration pass with the smoothing alone applied (``quantization_stats``). The ``mse``
+observer reads the sampled rows, which smoothing rescales exactly: no extra pass.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn as nn
 import yaml
 
 from qdoctor.calib.collect import CalibrationConfig, CalibrationStats, calibrate
+from qdoctor.calib.observers import NEEDS_ROWS, NEEDS_TOKEN_MAXIMA
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import PerplexityResult, perplexity
 from qdoctor.io import atomic_write_text
@@ -94,7 +96,7 @@ class Recipe:
         maxima of the smoothed activations — a calibration pass with only the smoothing applied."""
         if not (self.smoothing and _uses_percentile(self.scheme)):
             return None
-        return calibrate(model, tokenizer, self.calibration,
+        return calibrate(model, tokenizer, self.calibration_config(),
                          block_transform=lambda i, block: self.smooth_block(model, i, block, stats))
 
     def smooth_block(self, model, i: int, block, stats: CalibrationStats | None) -> CalibrationStats | None:
@@ -178,10 +180,12 @@ class Recipe:
         return applied
 
     def calibration_config(self) -> CalibrationConfig:
-        """The recipe's calibration, with 512 sampled rows per layer when the smoothing needs
-        them (median factors, auto-α) and the recipe asked for none."""
+        """The recipe's calibration, with 512 sampled rows per layer when the smoothing (median
+        factors, auto-α) or an observer (``mse``) needs them and the recipe asked for none."""
         cfg = self.calibration
-        if (self.needs_median_rows() or any(st.alpha == "auto" for st in self.smoothing)) and cfg.sample_rows == 0:
+        needs_rows = (self.needs_median_rows() or any(st.alpha == "auto" for st in self.smoothing)
+                      or bool(_static_observers(self.scheme) & NEEDS_ROWS))  # the mse observer
+        if needs_rows and cfg.sample_rows == 0:
             cfg = CalibrationConfig(**{**cfg.__dict__, "sample_rows": 512})
         return cfg
 
@@ -222,10 +226,16 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100)
 
 
-def _uses_percentile(scheme: Scheme) -> bool:
+def _static_observers(scheme: Scheme) -> set[str]:
+    """The observer kinds (``percentile`` for ``percentile:99.9``) of the scheme's static activations."""
     specs = [scheme.default] + list(scheme.overrides.values())
-    return any(ls.activations is not None and not ls.activations.dynamic and ls.activations.observer != "absmax"
-               for ls in specs)
+    return {ls.activations.observer.partition(":")[0] for ls in specs
+            if ls.activations is not None and not ls.activations.dynamic}
+
+
+def _uses_percentile(scheme: Scheme) -> bool:
+    """An observer that reads per-token maxima (stale after smoothing: ``quantization_stats``)."""
+    return bool(_static_observers(scheme) & NEEDS_TOKEN_MAXIMA)
 
 
 def read_recipe(path: str) -> tuple[Recipe, list[str]]:

@@ -93,7 +93,7 @@ def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
             if calibration is None:
                 raise QDoctorError(f"scheme {scheme.name!r} uses static activation scales: calibrate first "
                                    "(qdoctor.calibrate) and pass calibration=")
-            a = calibration.act_absmax(name, ls.activations.observer)
+            a = calibration.act_absmax(name, ls.activations.observer, ls.activations)
             act_scale = torch.tensor(a / ls.activations.qmax if a > 0 else 1.0, dtype=torch.float32)
         replacements[name] = QuantLinear(lin, ls, act_scale, name=name)
         applied[name] = ls

@@ -52,13 +52,18 @@ def group_size_for(k: int, preferred: int = 128) -> int:
 
 def absmax(x: torch.Tensor, granularity: Granularity) -> torch.Tensor:
     """max |x| over the elements that share one scale (see module docstring for shapes)."""
-    ax = x.detach().abs().float()
+    return reduce_per_scale(x.detach().abs().float(), granularity, torch.amax)
+
+
+def reduce_per_scale(t: torch.Tensor, granularity: Granularity, op) -> torch.Tensor:
+    """``op`` (``torch.amax``, ``torch.sum``) of t over the elements that share one scale, shaped as
+    ``absmax`` returns it: () per tensor, (..., 1) per row, (..., K/g, 1) per group."""
     if isinstance(granularity, PerTensor):
-        return ax.amax()
+        return op(t)
     if isinstance(granularity, (PerChannel, PerToken)):
-        return ax.amax(dim=-1, keepdim=True)
+        return op(t, dim=-1, keepdim=True)
     if isinstance(granularity, PerGroup):
-        return group_view(ax, granularity.group_size).amax(dim=-1, keepdim=True)
+        return op(group_view(t, granularity.group_size), dim=-1, keepdim=True)
     raise QDoctorError(f"unknown granularity {granularity!r}")
 
 

@@ -31,6 +31,7 @@ from qdoctor.quant.granularity import (
 )
 
 DTYPES = ("int8", "fp8")
+WEIGHT_OBSERVERS = ("absmax", "mse")  # observers of one tensor (``quant.fake.SCALE_OBSERVERS``)
 KEEP_DTYPES = ("bf16", "fp16", "fp32")
 
 
@@ -42,8 +43,13 @@ class QuantSpec:
     granularity: which elements share a scale (see ``quant.granularity``).
     dynamic: activations only — scale computed from the live tensor (True) or from
         calibration statistics (False, "static"). Weights are always quantized once.
-    observer: static activations only — ``absmax`` (max over calibration tokens) or
-        ``percentile:<p>`` (p-th percentile of the per-token absmax, clipping rare spikes).
+    observer: how the absmax a behind the scale s = a / qmax is chosen.
+        Weights: ``absmax`` (a = max |w| per group) or ``mse`` (clip search: a = c*·absmax with
+        c* minimising Σ (w − D(Q(w)))² per group over a grid of clip ratios).
+        Static activations: ``absmax`` (max over calibration tokens), ``percentile:<p>`` (p-th
+        percentile of the per-token absmax, clipping rare spikes) or ``mse`` (the clip ratio
+        minimising the quantization error estimated on the sampled calibration rows).
+        Dynamic activations: ``absmax`` only (the scale comes from the live tensor).
     """
 
     dtype: str = "int8"
@@ -54,7 +60,7 @@ class QuantSpec:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise QDoctorError(f"unknown quantized dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.observer != "absmax":
+        if self.observer not in WEIGHT_OBSERVERS:
             percentile_of(self.observer)  # validates
 
     @property
@@ -84,7 +90,7 @@ class QuantSpec:
 def percentile_of(observer: str) -> float:
     """Parse ``percentile:<p>`` → p in (0, 100]."""
     if not observer.startswith("percentile:"):
-        raise QDoctorError(f"unknown observer {observer!r}: use absmax or percentile:<p> (e.g. percentile:99.9)")
+        raise QDoctorError(f"unknown observer {observer!r}: use absmax, mse or percentile:<p> (e.g. percentile:99.9)")
     try:
         p = float(observer.split(":", 1)[1])
     except ValueError:
@@ -120,8 +126,14 @@ class LayerScheme:
             raise QDoctorError("weights cannot be quantized per token: use tensor, channel or group:<g>")
         if self.weights.dynamic:
             raise QDoctorError("weights are quantized once; 'dynamic' applies to activations only")
+        if self.weights.observer not in WEIGHT_OBSERVERS:
+            raise QDoctorError(f"weights take observer {' or '.join(WEIGHT_OBSERVERS)}, not {self.weights.observer!r} "
+                               "(percentile applies to static activations)")
         a = self.activations
         if a is not None:
+            if a.dynamic and a.observer != "absmax":
+                raise QDoctorError(f"dynamic activations are scaled by the live tensor's absmax; observer "
+                                   f"{a.observer!r} applies to static activations only")
             if isinstance(a.granularity, PerChannel):
                 raise QDoctorError("activations cannot be quantized per channel: use tensor, token or group:<g>")
             if not a.dynamic and not isinstance(a.granularity, PerTensor):
