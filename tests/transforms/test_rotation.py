@@ -201,3 +201,23 @@ def test_rotated_plan_streamed_equals_resident(tiny_llama_dir):
     assert not math.isclose(a.ppl, c.ppl, rel_tol=1e-6)  # the rotation changed what was quantized
     again, _ = recipe.perplexity(resident, tok, windows)  # nothing left over from the first pass
     assert again.ppl == a.ppl
+
+
+def test_quantize_cli_reproduces_a_rotated_recipe_whole_and_streamed(tiny_llama_dir, tmp_path):
+    from helpers import cli_reports_whole_and_streamed
+    from qdoctor.calib.text import text_source
+    from qdoctor.eval.perplexity import token_windows
+    from qdoctor.policy.recipe import load_recipe, save_recipe
+
+    recipe = Recipe(scheme=get_scheme("w8a8-tensor-tensor-static"), calibration=CAL,
+                    rotation=RotationStep(r1=True, r2=True, r4=True))
+    path = tmp_path / "rot.yaml"
+    save_recipe(recipe, str(path))
+    assert load_recipe(str(path)).rotation == recipe.rotation
+    whole, streamed = cli_reports_whole_and_streamed(
+        tmp_path, ["quantize", "--model", str(tiny_llama_dir), "--recipe", str(path), "--seqlen", "64", "--limit", "1"])
+    assert streamed["quantized"]["ppl"] == pytest.approx(whole["quantized"]["ppl"], rel=1e-5)
+    tok = tiny_tokenizer()
+    want, _ = recipe.perplexity(tiny_model("llama"), tok, token_windows(tok, text_source("wikitext2:test"), 64),
+                                limit=1)
+    assert whole["quantized"]["ppl"] == pytest.approx(want.ppl, rel=1e-5)
