@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from helpers import FAMILIES, tiny_model, tiny_tokenizer
+from helpers import FAMILIES, tiny_config, tiny_model, tiny_tokenizer
 from qdoctor.calib.collect import CalibrationConfig, calibrate
 from qdoctor.errors import QDoctorError
-from qdoctor.models.registry import arch_for
+from qdoctor.models.registry import arch_for_model_type
 from qdoctor.policy.recipe import Recipe
 from qdoctor.quant.linear import clear_input_transforms
 from qdoctor.quant.spec import get_scheme
@@ -84,7 +84,7 @@ def test_rotation_spreads_planted_outliers():
 
 
 def _refused(family, step):
-    fam = arch_for(tiny_model(family)).family
+    fam = arch_for_model_type(tiny_config(family).model_type).family
     return (step.r1 and fam in R1_REFUSED) or (step.r4 and fam in R4_REFUSED)
 
 

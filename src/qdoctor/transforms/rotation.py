@@ -162,6 +162,23 @@ def _write(p: torch.Tensor, value: torch.Tensor) -> None:
     p.copy_(value.to(p.dtype))
 
 
+CHUNK = 4096  # rows (or columns) rotated at a time: float64 temporaries stay small for 128k-row embeddings
+
+
+def _rotate_inputs_(p: torch.Tensor, rot: HadamardRotation, g: torch.Tensor | None = None) -> None:
+    """p ← (p diag(g)) R in place over the last axis, CHUNK rows at a time (rows are independent)."""
+    flat = p.view(-1, p.shape[-1])
+    for s in range(0, flat.shape[0], CHUNK):
+        rows = flat[s:s + CHUNK].double()
+        _write(flat[s:s + CHUNK], rotate_input(rows * g if g is not None else rows, rot))
+
+
+def _rotate_outputs_(p: torch.Tensor, rot: HadamardRotation) -> None:
+    """p ← Rᵀ p in place over axis −2, CHUNK columns at a time (columns are independent)."""
+    for s in range(0, p.shape[-1], CHUNK):
+        _write(p[..., s:s + CHUNK], rotate_output(p[..., s:s + CHUNK], rot))
+
+
 def head_dim_of(config) -> int:
     hd = getattr(config, "head_dim", None)
     return int(hd) if hd else config.hidden_size // config.num_attention_heads
@@ -181,12 +198,10 @@ def rotate_block(config, arch: ArchSpec, block: nn.Module, step: RotationStep) -
             norm = block.get_submodule(norm_name).weight
             g = arch.norm_offset + norm.double()
             for r in readers:
-                p = block.get_parameter(r)
-                _write(p, rotate_input(p.double() * g, rot))
+                _rotate_inputs_(block.get_parameter(r), rot, g)
             norm.fill_(1.0 - arch.norm_offset)
         for wname in layout.writers:
-            p = block.get_parameter(wname)
-            _write(p, rotate_output(p, rot))
+            _rotate_outputs_(block.get_parameter(wname), rot)
             bias = getattr(block.get_submodule(wname.rpartition(".")[0]), "bias", None) \
                 if wname.endswith(".weight") else None
             if bias is not None:
@@ -196,7 +211,7 @@ def rotate_block(config, arch: ArchSpec, block: nn.Module, step: RotationStep) -
     if step.r4:
         down = block.get_submodule("mlp.down_proj")
         rot4 = block_rotation(down.in_features)
-        _write(down.weight, rotate_input(down.weight, rot4))
+        _rotate_inputs_(down.weight, rot4)
         set_input_transform(down, rot4)
 
 
@@ -271,16 +286,14 @@ def rotate_rest(model: nn.Module, step: RotationStep) -> list[str]:
     norm = _final_norm(model, arch).weight
     g = arch.norm_offset + norm.double()
     notes = []
-    head = rotate_input(head_mod.weight.double() * g, rot).to(head_mod.weight.dtype)
     if head_mod.weight is emb_mod.weight:
-        head_mod.weight = nn.Parameter(head, requires_grad=False)
+        head_mod.weight = nn.Parameter(emb_mod.weight.detach().clone(), requires_grad=False)
         for c in _tie_configs(model.config):
             c.tie_word_embeddings = False
         notes.append("rotation r1 untied the LM head from the embeddings (tie_word_embeddings=false): "
                      "the head holds the final norm folded in")
-    else:
-        _write(head_mod.weight, head)
-    _write(emb_mod.weight, rotate_input(emb_mod.weight, rot))
+    _rotate_inputs_(head_mod.weight, rot, g)
+    _rotate_inputs_(emb_mod.weight, rot)
     norm.fill_(1.0 - arch.norm_offset)
     return notes
 
