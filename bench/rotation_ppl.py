@@ -34,7 +34,7 @@ PLANS = [
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--limit", type=int, default=4)
+    ap.add_argument("--limit", type=int, default=4, help="windows evaluated (0: the whole split)")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--calib-samples", type=int, default=64)
@@ -46,14 +46,14 @@ def main() -> None:
     windows = token_windows(tok, text_source("wikitext2:test"), args.seqlen, bos_token_id(model, tok))
     fp = None
     if not args.no_fp:
-        fp = perplexity(model, tok, windows=windows, limit=args.limit, progress=False)
+        fp = perplexity(model, tok, windows=windows, limit=args.limit or None, progress=False)
         print(json.dumps({"plan": "fp32", "ppl": fp.ppl, "windows": fp.n_windows, "seqlen": fp.seqlen}), flush=True)
     for scheme, rot in (PLANS[int(i)] for i in args.plans.split(",")):
         recipe = Recipe(scheme=get_scheme(scheme), rotation=rot, calibration=calibration)
         t0 = time.perf_counter()
         stats = recipe.statistics(model, tok)
         t1 = time.perf_counter()
-        q, _ = recipe.perplexity(model, tok, windows, stats=stats, limit=args.limit)
+        q, _ = recipe.perplexity(model, tok, windows, stats=stats, limit=args.limit or None)
         print(json.dumps({"plan": scheme, "rotation": rot.basis if rot else "none", "ppl": q.ppl,
                           "pct_vs_fp": 100 * (q.ppl / fp.ppl - 1) if fp else None,
                           "calib_samples": args.calib_samples, "calib_s": round(t1 - t0, 1),
