@@ -16,9 +16,9 @@ from qdoctor.transforms.hadamard import (block_rotation, fwht, hadamard_matrix, 
                                          sylvester)
 from qdoctor.transforms.rotation import R1_REFUSED, R4_REFUSED, RestSnapshot, RotationStep, rotate_model
 
-# the orders SmolLM2 (576, 1536, 64), Gemma-3-270M (640, 2048, 256) and the tiny configs (64, 128, 16) need,
+# the orders SmolLM2 (576, 1536, 64), Gemma-3-270M (640, 256; 2048 is Sylvester) and the tiny configs (64, 128, 16) need,
 # and the small Paley orders
-ORDERS = [1, 2, 12, 16, 20, 28, 36, 40, 44, 60, 64, 128, 256, 576, 640, 1536, 2048]
+ORDERS = [1, 2, 12, 16, 20, 28, 36, 40, 44, 60, 64, 128, 256, 576, 640, 1536]  # 2048: Sylvester, as 256
 STEPS = [RotationStep(True, False, False), RotationStep(False, True, False), RotationStep(True, True, False),
          RotationStep(True, True, True)]
 
