@@ -68,19 +68,19 @@ def compare_schemes(model, tokenizer, schemes: list["str | Scheme | Recipe"], se
                     desc="perplexity (full precision)")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     results = [SchemeResult("full-precision", f"unquantized ({dtype})", fp, seconds=fp.seconds)]
-    stats_for: dict = {}  # calibration config → statistics
+    stats_for: dict = {}  # (calibration config, basis) → statistics
     if calibration is not None:
-        stats_for[calib_config] = calibration
+        stats_for[calib_config, calibration.basis] = calibration
     for plan, r in zip(plans, recipes):
         t0 = time.perf_counter()
         cfg = r.calibration_config() if r.needs_calibration else None
-        if cfg is not None and cfg not in stats_for:
-            stats_for[cfg] = r.statistics(model, tokenizer)
-        ppl, applied = r.perplexity(model, tokenizer, windows, stats_for.get(cfg), desc=f"perplexity ({r.name})",
+        if cfg is not None and (cfg, r.basis) not in stats_for:
+            stats_for[cfg, r.basis] = r.statistics(model, tokenizer)
+        ppl, applied = r.perplexity(model, tokenizer, windows, stats_for.get((cfg, r.basis)), desc=f"perplexity ({r.name})",
                                     progress=progress, limit=limit)
         results.append(SchemeResult(r.name, plan.description if isinstance(plan, Scheme) else "recipe", ppl, quantized_layers=applied.quantized,
                                     kept_layers=applied.kept, seconds=time.perf_counter() - t0))
-    return results, stats_for.get(calib_config)
+    return results, stats_for.get((calib_config, ""))
 
 
 def _as_layer_schemes(overrides: dict) -> dict:

@@ -51,6 +51,9 @@ def _loader_forward(layer: QuantLinear):
     s = layer.scheme
 
     def forward(x):
+        t = layer.qdoctor_input_transform  # an online rotation runs before the layer (vLLM, compressed-tensors)
+        if t is not None:
+            x = t.apply(x.float()).to(x.dtype)
         if s.keep:
             return F.linear(x.float(), layer.weight_hat, bias).to(x.dtype)
         xh = x.float() if s.activations is None else ct_fake_quantize_input(x, s.activations, layer.input_scale)

@@ -8,6 +8,7 @@ from qdoctor.errors import QDoctorError
 from qdoctor.models.lazy import load_lazy
 from qdoctor.models.registry import get_blocks
 from qdoctor.policy.search import FixConfig, Plan, Searcher, group_scheme, keep_scheme, search
+from qdoctor.transforms.rotation import RotationStep
 from qdoctor.transforms.smoothing import SmoothingStep
 from tests.helpers import cli_reports_whole_and_streamed, save_tiny, tiny_model, tiny_tokenizer
 
@@ -48,6 +49,8 @@ def test_plans_score_the_same(pair):
         Plan(smoothing=[SmoothingStep("smoothquant", 0.5)], label="sq"),
         Plan(smoothing=[SmoothingStep("bismooth-max", 0.5, (first,))], label="bis"),
         Plan(overrides={eager.names[5]: keep_scheme(t, "bf16"), eager.names[1]: group_scheme(t, 32)}, label="mixed"),
+        # a rotated plan handed the (unrotated) scan statistics: recalibrated in its own basis
+        Plan(smoothing=[SmoothingStep("smoothquant", 0.5)], label="rot", rotation=RotationStep(r4=True)),
     ]
     for plan in plans:
         a, b = eager.evaluate(plan), lazy.evaluate(plan)

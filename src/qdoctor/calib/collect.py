@@ -53,6 +53,7 @@ class CalibrationStats:
     layers: dict[str, LinearInputStats]
     input_ids: torch.Tensor  # (N, L): the calibration tokens, for spike positions/token ids
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
+    basis: str = ""  # the transform the activations were recorded under ("" none; ``RotationStep.basis``)
 
     def __getitem__(self, name: str) -> LinearInputStats:
         try:
@@ -79,7 +80,7 @@ class CalibrationStats:
                 if st.rows is not None:
                     tensors[f"{name}.rows"] = st.rows.contiguous()
         meta = {"qdoctor_stats": str(STATS_VERSION), "config": json.dumps(asdict(self.config)),
-                "layers": json.dumps(layers)}
+                "layers": json.dumps(layers), "basis": self.basis}
         with atomic_path(path) as tmp:
             save_file(tensors, tmp, metadata=meta)
 
@@ -107,11 +108,12 @@ class CalibrationStats:
                     stats[name] = by_owner[owner]
                 config = CalibrationConfig(**json.loads(meta["config"]))
                 input_ids = f.get_tensor("input_ids")
+                basis = meta.get("basis", "")
         except (SafetensorError, OSError, KeyError, ValueError) as e:
             raise QDoctorError(f"{path}: unreadable statistics file ({str(e).splitlines()[0]})") from None
         for st in by_owner.values():
             st.sample_rows, st.seed = config.sample_rows, config.seed
-        return cls(layers=stats, input_ids=input_ids, config=config)
+        return cls(layers=stats, input_ids=input_ids, config=config, basis=basis)
 
 
 def calibration_token_ids(tokenizer, config: CalibrationConfig, heldout: bool = False) -> torch.Tensor:
@@ -195,13 +197,14 @@ def collect_linear_stats(model: nn.Module, input_ids: torch.Tensor, layer_names:
 
 
 def calibrate(model: nn.Module, tokenizer, config: CalibrationConfig | None = None,
-              layer_names: list[str] | None = None, block_transform=None) -> CalibrationStats:
+              layer_names: list[str] | None = None, block_transform=None, basis: str = "") -> CalibrationStats:
     """Calibration statistics for every quantizable linear (registry) or ``layer_names``;
-    ``block_transform`` as ``collect_linear_stats``'."""
+    ``block_transform`` as ``collect_linear_stats``'; ``basis`` names the transform the model is
+    under (a rotation: ``CalibrationStats.basis``)."""
     config = config or CalibrationConfig()
     names = layer_names or block_linear_names(model)
     check_context(model, config.seqlen, "calibration seqlen")
     ids = calibration_windows(tokenizer, config, bos_id=bos_token_id(model, tokenizer))
     stats = collect_linear_stats(model, ids, names, config.batch_size, sample_rows=config.sample_rows,
                                  seed=config.seed, block_transform=block_transform)
-    return CalibrationStats(layers=stats, input_ids=ids, config=config)
+    return CalibrationStats(layers=stats, input_ids=ids, config=config, basis=basis)

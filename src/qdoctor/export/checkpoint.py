@@ -34,7 +34,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,7 @@ from qdoctor.errors import QDoctorError
 from qdoctor.export.card import render_card
 from qdoctor.export.ctconfig import ExportPlan, dtype_name, plan_export, resolve_dtype
 from qdoctor.export.staging import check_out_dir, staged_dir
+from qdoctor.export.transforms import online_transforms, transform_config, transform_tensors
 from qdoctor.models.registry import arch_for, get_blocks
 from qdoctor.models.streaming import materialized
 from qdoctor.quant.apply import layer_scheme_for, restore
@@ -135,6 +136,18 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
                            "calibrate first (qdoctor.calibrate) and pass stats=")
     plan = plan_for_layers(model, layers, _model_dtype(model), dtype)
     require_vllm_servable(plan, require_vllm)
+    rotation = getattr(recipe, "rotation", None)
+    if rotation is not None and stats is not None:
+        stats = recipe.statistics(model, tokenizer, stats)  # statistics of an unrotated model: recalibrated
+    qstats = recipe.quantization_stats(model, tokenizer, stats) if recipe is not None else None
+    with recipe.rotated(model) if rotation is not None else nullcontext() as notes:
+        plan.warnings.extend(notes or [])
+        return _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, layers, plan, overwrite, card,
+                                 max_shard_size, progress, t0)
+
+
+def _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, layers, plan, overwrite, card,
+                      max_shard_size, progress, t0) -> ExportReport:
     config = copy.deepcopy(model.config)
     config.dtype = plan.dtype
     _untie_quantized(model, config, layers, plan)
@@ -142,7 +155,7 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
         check_targets(type(model)(config), plan)  # before any block is read
     group_of = plan.group_of()
     prefix = arch_for(model).blocks + "."
-    qstats = recipe.quantization_stats(model, tokenizer, stats) if recipe is not None else None
+    online = {}  # layer → its online input transform (R4), written as a transform_config
     with staged_dir(out_dir, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for i in tqdm(range(len(get_blocks(model))), desc="exporting", unit="block", disable=not progress,
@@ -150,7 +163,10 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
             with materialized(model, i, transient=recipe is not None) as block:
                 if recipe is not None:
                     recipe.apply_block(model, i, block, stats, qstats)
-                writer.add(_saved_names(model, module_tensors(block, f"{prefix}{i}.", group_of, plan.dtype)))
+                block_online = online_transforms(block, f"{prefix}{i}.")
+                online.update(block_online)
+                writer.add(_saved_names(model, {**module_tensors(block, f"{prefix}{i}.", group_of, plan.dtype),
+                                                **transform_tensors(block_online, plan.dtype)}))
             if max_shard_size is None:
                 writer.flush()
         head = recipe.apply_rest(model, stats) if recipe is not None else None
@@ -161,7 +177,7 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
                 restore(model)
         writer.close()
         config.save_pretrained(tmp)
-        _compressor(plan).update_config(str(tmp))
+        _compressor(plan, transform_config(online)).update_config(str(tmp))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -421,10 +437,10 @@ class ShardWriter:
         (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _compressor(plan: ExportPlan):
+def _compressor(plan: ExportPlan, transforms=None):
     from compressed_tensors.compressors import ModelCompressor
 
-    return ModelCompressor(quantization_config=plan.config)
+    return ModelCompressor(quantization_config=plan.config, transform_config=transforms)
 
 
 def _untie_quantized(model, config, layers: dict, plan: ExportPlan) -> None:

@@ -34,7 +34,7 @@ from accelerate.utils import set_module_tensor_to_device
 from qdoctor.errors import QDoctorError
 from qdoctor.models.device import default_device
 from qdoctor.models.registry import arch_for, arch_for_model_type, get_blocks
-from qdoctor.quant.linear import QuantLinear
+from qdoctor.quant.linear import QuantLinear, clear_input_transforms
 
 
 class SafetensorsSource:
@@ -176,6 +176,7 @@ class LazyBlocks:
     def release(self, model: nn.Module, i: int) -> None:
         """Back to meta: quantized layers are replaced by meta ``nn.Linear``s of the same shape."""
         block = get_blocks(model)[i]
+        clear_input_transforms(block)  # an online rotation is re-made with the block, never kept
         for name, m in list(block.named_modules()):
             if isinstance(m, QuantLinear):
                 lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta",

@@ -39,6 +39,7 @@ from qdoctor.distributed import World
 from qdoctor.errors import QDoctorError
 from qdoctor.models.registry import arch_for, get_blocks
 from qdoctor.quant.apply import restore
+from qdoctor.quant.linear import clear_input_transforms
 
 
 class _StopForward(Exception):
@@ -188,6 +189,7 @@ class ResidentBlocks:
         if saved is not None:
             block = get_blocks(model)[i]
             restore(block)
+            clear_input_transforms(block)  # an online rotation (R4) is undone with its weights
             block.load_state_dict(saved)
 
 

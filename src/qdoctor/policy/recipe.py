@@ -3,6 +3,7 @@
     qdoctor_recipe: 1
     model: smollm2-135m                       # informational
     calibration: {n_samples: 64, seqlen: 512, source: wikitext2:valid, seed: 0, sample_rows: 512}
+    rotation: {r1: true, r2: true, r4: false}  # Hadamard rotations (transforms/rotation.py), optional
     smoothing:                                # applied in order to the full-precision model
       - {method: smoothquant, alpha: 0.8, layers: ["*"]}
     scheme:                                   # a qdoctor Scheme (docs/schemes.md)
@@ -12,8 +13,10 @@
     evidence: {model.layers.11.mlp.down_proj: "spike ratio 2040"}   # why, informational
     metrics: {...}                            # what the search measured, informational
 
-A plan is applied per decoder block: ``Recipe.apply_block(model, i, block, stats)`` folds the
-smoothing steps into block i and quantizes its layers; everything else is a walk over the
+A plan is applied per decoder block: ``Recipe.apply_block(model, i, block, stats)`` rotates
+block i (``rotation``), folds the smoothing steps into it and quantizes its layers; a rotation's
+part outside the blocks (embeddings, final norm, LM head) is done once around the block pass
+(``Recipe.rotated``); everything else is a walk over the
 blocks by the pipeline (``models.streaming``):
 
 - ``Recipe.perplexity(model, tok, windows)`` — the one way a plan is measured: each block is
@@ -27,13 +30,16 @@ Calibration: the recipe's seeded config gives the same statistics every time; a 
 observer after smoothing needs the per-token maxima of the smoothed model, so those come from
 one more calibration pass with the smoothing alone applied (``quantization_stats``). The ``mse``
 observer reads the sampled rows, which smoothing rescales exactly: no extra pass.
+Statistics recorded in another basis than the plan's rotation (``CalibrationStats.basis``: an
+unrotated scan's, handed to every candidate by the plan search) describe another model: they
+are recalibrated with the rotation applied (``statistics``).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import torch.nn as nn
@@ -48,8 +54,10 @@ from qdoctor.models.registry import arch_for
 from qdoctor.models.streaming import each_block, require_resident
 from qdoctor.policy.lc_recipe import from_llm_compressor, is_lc_recipe
 from qdoctor.quant.apply import QuantizeResult, quantize, restore
+from qdoctor.quant.linear import clear_input_transforms
 from qdoctor.quant.schemefile import check_recipe_dict, read_plan_data
 from qdoctor.quant.spec import Scheme
+from qdoctor.transforms.rotation import RestSnapshot, RotationStep, rotate_block, rotate_rest, rotated_rest
 from qdoctor.transforms.smoothing import SmoothingStep, smooth_block
 
 RECIPE_VERSION = 1
@@ -64,6 +72,37 @@ class Recipe:
     model: str = ""
     evidence: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    rotation: RotationStep | None = None  # Hadamard rotations, applied before smoothing
+
+    @property
+    def basis(self) -> str:
+        """The basis the plan's calibration statistics must be in (``RotationStep.basis``)."""
+        return self.rotation.basis if self.rotation is not None else ""
+
+    @contextmanager
+    def rotated(self, model):
+        """The model's non-block part rotated (R1: embeddings, final norm, LM head) while the
+        ``with`` lasts; nothing without a rotation. The blocks are rotated by ``apply_block``."""
+        with rotated_rest(model, self.rotation) as notes:
+            yield notes
+
+    def rotate_block(self, model, i: int, block) -> None:
+        """The rotation's part of decoder block ``i`` (nothing without a rotation)."""
+        if self.rotation is not None and self.rotation.active:
+            rotate_block(model.config, arch_for(model), block, self.rotation)
+
+    def _calibrate(self, model, tokenizer, config: CalibrationConfig, block_transform=None) -> CalibrationStats:
+        """A calibration pass of the model as the plan sees it: rotated (when it is), each block
+        also treated by ``block_transform``."""
+        def treat(i, block):
+            self.rotate_block(model, i, block)
+            if block_transform is not None:
+                block_transform(i, block)
+
+        rotating = self.rotation is not None and self.rotation.active
+        with self.rotated(model):
+            return calibrate(model, tokenizer, config, basis=self.basis,
+                             block_transform=treat if rotating or block_transform is not None else None)
 
     @property
     def needs_calibration(self) -> bool:
@@ -85,9 +124,13 @@ class Recipe:
         return self.scheme.name
 
     def statistics(self, model, tokenizer, stats: CalibrationStats | None = None) -> CalibrationStats | None:
-        """``stats``, or a calibration pass with the recipe's config when the plan needs one."""
+        """``stats``, or a calibration pass with the recipe's config when the plan needs one — or
+        when ``stats`` were recorded in another basis (``CalibrationStats.basis``: e.g. unrotated
+        statistics for a rotated plan), with the rotation applied."""
+        if stats is not None and stats.basis != self.basis:
+            stats = None
         if stats is None and self.needs_calibration:
-            stats = calibrate(model, tokenizer, self.calibration_config())
+            stats = self._calibrate(model, tokenizer, self.calibration_config())
         return stats
 
     def quantization_stats(self, model, tokenizer, stats: CalibrationStats | None) -> CalibrationStats | None:
@@ -96,8 +139,8 @@ class Recipe:
         maxima of the smoothed activations — a calibration pass with only the smoothing applied."""
         if not (self.smoothing and _uses_percentile(self.scheme)):
             return None
-        return calibrate(model, tokenizer, self.calibration_config(),
-                         block_transform=lambda i, block: self.smooth_block(model, i, block, stats))
+        return self._calibrate(model, tokenizer, self.calibration_config(),
+                               block_transform=lambda i, block: self.smooth_block(model, i, block, stats))
 
     def smooth_block(self, model, i: int, block, stats: CalibrationStats | None) -> CalibrationStats | None:
         """Fold every smoothing step into decoder block ``i``; returns the statistics of the block's
@@ -109,16 +152,18 @@ class Recipe:
         names = [prefix + r for r in arch.linears]
         # one deepcopy of the block's statistics: layers that shared an object still do
         stats = CalibrationStats(layers=copy.deepcopy({n: stats[n] for n in names}), input_ids=stats.input_ids,
-                                 config=stats.config)
+                                 config=stats.config, basis=stats.basis)
         for step in self.smoothing:
             smooth_block(model.config, arch, i, block, stats, step, self.scheme)
         return stats
 
     def apply_block(self, model, i: int, block, stats: CalibrationStats | None,
                     quant_stats: CalibrationStats | None = None) -> QuantizeResult:
-        """Treat decoder block ``i`` (opened by the pipeline): the smoothing steps, then the scheme on
-        the block's layers by their full names. Static scales come from ``quant_stats`` when given
-        (``quantization_stats``), else from the smoothed copy of ``stats``."""
+        """Treat decoder block ``i`` (opened by the pipeline): the rotation, the smoothing steps, then
+        the scheme on the block's layers by their full names. Static scales come from ``quant_stats``
+        when given (``quantization_stats``), else from the smoothed copy of ``stats``. With a
+        rotation the caller holds ``rotated(model)`` around the block pass."""
+        self.rotate_block(model, i, block)
         smoothed = self.smooth_block(model, i, block, stats)
         prefix = f"{arch_for(model).blocks}.{i}."
         return quantize(block, self.scheme, calibration=quant_stats or smoothed, progress=False, prefix=prefix)
@@ -139,9 +184,11 @@ class Recipe:
         stats = self.statistics(model, tokenizer, stats)
         qstats = self.quantization_stats(model, tokenizer, stats)
         applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
-        head = self.apply_rest(model, stats)
-        try:
+        with ExitStack() as rest:
+            rest.enter_context(self.rotated(model))
+            head = self.apply_rest(model, stats)
             if head is not None:
+                rest.callback(restore, model)
                 applied.merge(head)
 
             def treat(i, block):
@@ -149,20 +196,22 @@ class Recipe:
 
             ppl = perplexity(model, tokenizer, windows=windows, limit=limit, desc=desc, progress=progress,
                              block_transform=treat)
-        finally:
-            if head is not None:
-                restore(model)
         return ppl, applied
 
     @contextmanager
     def applied(self, model, tokenizer, stats: CalibrationStats | None = None):
         """The model (in memory) treated in place while the ``with`` lasts, as it was after."""
         require_resident(model, "applying a plan to the whole model")
-        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()} if self.smoothing else None
+        changes_weights = bool(self.smoothing) or self.basis != ""
+        snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()} if changes_weights else None
+        rest = RestSnapshot.of(model) if self.basis else None
         try:
             yield self.apply(model, tokenizer, stats, progress=False)
         finally:
             restore(model)
+            clear_input_transforms(model)
+            if rest is not None:
+                rest.put_back(model)  # re-ties a head the rotation untied
             if snapshot is not None:
                 model.load_state_dict(snapshot)
 
@@ -172,6 +221,8 @@ class Recipe:
         stats = self.statistics(model, tokenizer, stats)
         qstats = self.quantization_stats(model, tokenizer, stats)
         applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
+        if self.rotation is not None:
+            rotate_rest(model, self.rotation)
         head = self.apply_rest(model, stats)
         if head is not None:
             applied.merge(head)
@@ -194,6 +245,7 @@ class Recipe:
             "qdoctor_recipe": RECIPE_VERSION,
             "model": self.model,
             "calibration": {k: getattr(self.calibration, k) for k in sorted(_CALIB_KEYS)},
+            **({"rotation": self.rotation.to_dict()} if self.rotation is not None else {}),
             "smoothing": [s.to_dict() for s in self.smoothing],
             "scheme": self.scheme.to_dict(),
             "evidence": self.evidence,
@@ -208,7 +260,8 @@ class Recipe:
         version = d.get("qdoctor_recipe", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise QDoctorError(f"recipe version {version} is not supported (this qdoctor reads {RECIPE_VERSION})")
-        unknown = set(d) - {"qdoctor_recipe", "model", "calibration", "smoothing", "scheme", "evidence", "metrics"}
+        unknown = set(d) - {"qdoctor_recipe", "model", "calibration", "smoothing", "scheme", "evidence", "metrics",
+                            "rotation"}
         if unknown:
             raise QDoctorError(f"unknown key(s) in recipe: {', '.join(sorted(unknown))}")
         cal = d.get("calibration") or {}
@@ -218,7 +271,8 @@ class Recipe:
         return cls(scheme=Scheme.from_dict(d["scheme"]),
                    smoothing=[SmoothingStep.from_dict(s) for s in d.get("smoothing") or []],
                    calibration=CalibrationConfig(**cal), model=str(d.get("model", "")),
-                   evidence=dict(d.get("evidence") or {}), metrics=dict(d.get("metrics") or {}))
+                   evidence=dict(d.get("evidence") or {}), metrics=dict(d.get("metrics") or {}),
+                   rotation=RotationStep.from_dict(d["rotation"]) if d.get("rotation") is not None else None)
 
     def dumps(self, fmt: str = "yaml") -> str:
         if fmt == "json":

@@ -51,6 +51,7 @@ from qdoctor.quant.granularity import PerChannel, PerGroup
 from qdoctor.quant.spec import LayerScheme, QuantSpec, Scheme, get_scheme
 from qdoctor.scan.config import FIX_SPIKE_MIN_RATIO, ScanConfig, Thresholds
 from qdoctor.scan.run import scan_with_stats
+from qdoctor.transforms.rotation import RotationStep
 from qdoctor.transforms.smoothing import SmoothingStep
 
 TARGET_ALIASES = {"w8a8-tensor-static": "w8a8-tensor-tensor-static", "w8a8-channel-static": "w8a8-channel-tensor-static",
@@ -118,6 +119,7 @@ class Plan:
     smoothing: list[SmoothingStep] = field(default_factory=list)
     overrides: dict[str, LayerScheme] = field(default_factory=dict)
     label: str = "naive"
+    rotation: RotationStep | None = None  # Hadamard rotations (statistics recalibrated in their basis)
 
     def kept(self) -> list[str]:
         return [n for n, ls in self.overrides.items() if ls.keep or (ls.weights and ls.weights.dtype == "fp8")]
@@ -129,7 +131,7 @@ class Plan:
     def extend(self, label: str, smoothing=(), overrides=None) -> "Plan":
         o = dict(self.overrides)
         o.update(overrides or {})
-        return Plan(self.smoothing + list(smoothing), o, label)
+        return Plan(self.smoothing + list(smoothing), o, label, self.rotation)
 
 
 @dataclass
@@ -299,6 +301,7 @@ class Searcher:
         if scan is None:
             scan = scan_with_stats(model, tokenizer, config.scan_config(progress))
         self.scan, self.stats = check_scan_matches(scan, config)
+        self.stats_by_basis: dict = {}  # rotation basis → statistics calibrated in it (``stats_for``)
         self.windows = heldout_windows(tokenizer, config, bos_token_id(model, tokenizer))
         self.fp_ppl = perplexity(model, tokenizer, windows=self.windows, progress=progress, desc="fp held-out").ppl
         self._fp_cache: dict = {}
@@ -338,8 +341,10 @@ class Searcher:
         model = getattr(self.model, "qdoctor_source", "")
         if self.start is not None:  # the start recipe's steps first, then the plan's; its other keys kept
             return replace(self.start, scheme=scheme, smoothing=list(self.start.smoothing) + list(plan.smoothing),
-                           calibration=self.config.calibration, model=model, evidence={}, metrics={})
-        return Recipe(scheme=scheme, smoothing=list(plan.smoothing), calibration=self.config.calibration, model=model)
+                           calibration=self.config.calibration, model=model, evidence={}, metrics={},
+                           rotation=plan.rotation or self.start.rotation)
+        return Recipe(scheme=scheme, smoothing=list(plan.smoothing), calibration=self.config.calibration, model=model,
+                      rotation=plan.rotation)
 
     def make_trial(self, plan: Plan, value: float, seconds: float, details: dict | None = None) -> Trial:
         """A Trial of ``plan`` scored ``value`` by the search metric."""
@@ -355,13 +360,23 @@ class Searcher:
         those windows (a perplexity Trial, any metric). The model is unchanged afterwards."""
         t0 = time.perf_counter()
         recipe = self.recipe(plan)
+        stats = self.stats_for(recipe)
         if windows is not None and (windows is not self.windows or self.metric.name != "ppl"):
-            ppl = recipe.perplexity(self.model, self.tok, windows, self.stats, desc=f"plan {plan.label}")[0].ppl
+            ppl = recipe.perplexity(self.model, self.tok, windows, stats, desc=f"plan {plan.label}")[0].ppl
             ref = self.fp_ppl if windows is self.windows else self.fp_ppl_of(windows)
             return Trial(plan.label, ppl, 100.0 * (ppl / ref - 1.0), len(plan.kept()), len(plan.per_group()),
                          time.perf_counter() - t0, plan)
-        value, details = self.metric.measure_plan(self.model, recipe, self.stats)
+        value, details = self.metric.measure_plan(self.model, recipe, stats)
         return self.make_trial(plan, value, time.perf_counter() - t0, details)
+
+    def stats_for(self, recipe: Recipe):
+        """The scan's statistics, or — for a plan in another basis (a rotation) — that basis's,
+        calibrated once by the recipe and kept for the next plan in it."""
+        if self.stats is None or recipe.basis == self.stats.basis:
+            return self.stats
+        if recipe.basis not in self.stats_by_basis:
+            self.stats_by_basis[recipe.basis] = recipe.statistics(self.model, self.tok, self.stats)
+        return self.stats_by_basis[recipe.basis]
 
 
 def search(model, tokenizer, config: FixConfig | None = None, progress: bool = True,

@@ -12,6 +12,12 @@ per-channel / per-tensor / per-group weights and FP8 per-channel / per-tensor we
 per-token dynamic or per-tensor static activations) run them instead of the simulation:
 same formula, integer (or FP8) tensor-core GEMM with fused dequantization. Set
 ``QDOCTOR_NO_KERNELS=1`` or ``QuantLinear.use_kernels = False`` to force the simulation.
+
+An *online input transform* (``set_input_transform``: the R4 Hadamard of ``transforms.rotation``)
+is applied to x before anything else — before activation quantization, as vLLM's
+compressed-tensors transform linear method does: y = Q(x R) ŵᵀ + b. It is data on the layer
+(an object with ``apply(x)``, e.g. a ``HadamardRotation``), carried from the ``nn.Linear`` to
+its ``QuantLinear`` and back (``to_linear``); on a plain ``nn.Linear`` a forward pre-hook applies it.
 """
 
 from __future__ import annotations
@@ -30,8 +36,45 @@ from qdoctor.quant.spec import LayerScheme
 KEEP_TORCH_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # keep: → dtype
 
 
+def _apply_transform(transform, x: torch.Tensor) -> torch.Tensor:
+    return transform.apply(x.float()).to(x.dtype)  # fp32 butterflies whatever the activation dtype
+
+
+def input_transform_of(module: nn.Module):
+    """The online input transform of a linear (None: none)."""
+    return getattr(module, "qdoctor_input_transform", None)
+
+
+def set_input_transform(module: nn.Module, transform) -> None:
+    """Give ``module`` (an ``nn.Linear`` or a ``QuantLinear``) the online input transform x → x R."""
+    clear_input_transform(module)
+    module.qdoctor_input_transform = transform
+    if not isinstance(module, QuantLinear):
+        module.qdoctor_input_hook = module.register_forward_pre_hook(
+            lambda _m, args: (_apply_transform(transform, args[0]),) + tuple(args[1:]))
+
+
+def clear_input_transform(module: nn.Module) -> None:
+    hook = getattr(module, "qdoctor_input_hook", None)
+    if hook is not None:
+        hook.remove()
+    for attr in ("qdoctor_input_hook", "qdoctor_input_transform"):
+        if attr in module.__dict__:
+            delattr(module, attr)
+
+
+def clear_input_transforms(model: nn.Module) -> int:
+    """Remove every online input transform under ``model`` (undoing a rotation step); the count."""
+    mods = [m for m in model.modules() if input_transform_of(m) is not None]
+    for m in mods:
+        clear_input_transform(m)
+    return len(mods)
+
+
 class QuantLinear(nn.Module):
     use_kernels: bool = os.environ.get("QDOCTOR_NO_KERNELS", "") in ("", "0")
+    qdoctor_input_transform = None  # online input transform (``set_input_transform``)
+
     def __init__(self, linear: nn.Linear, scheme: LayerScheme, act_scale: torch.Tensor | None = None, name: str = ""):
         super().__init__()
         self.in_features = linear.in_features
@@ -40,6 +83,7 @@ class QuantLinear(nn.Module):
         self.name = name
         self.weight = linear.weight
         self.bias = linear.bias
+        self.qdoctor_input_transform = input_transform_of(linear)  # applied first in forward
         w = self.weight.detach()
         if scheme.is_quantized:
             check_finite(w, f"weight of {name or 'layer'}")
@@ -114,6 +158,8 @@ class QuantLinear(nn.Module):
                                    group_size=route["group_size"], bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qdoctor_input_transform is not None:
+            x = _apply_transform(self.qdoctor_input_transform, x)
         if x.is_cuda and self.use_kernels:
             route = self.kernel_route()
             if route is not None:
@@ -138,7 +184,10 @@ class QuantLinear(nn.Module):
         lin.weight = self.weight
         if self.bias is not None:
             lin.bias = self.bias
+        if self.qdoctor_input_transform is not None:
+            set_input_transform(lin, self.qdoctor_input_transform)
         return lin
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, {self.scheme.describe()}"
+        online = ", online input transform" if self.qdoctor_input_transform is not None else ""
+        return f"{self.in_features}, {self.out_features}, {self.scheme.describe()}{online}"
