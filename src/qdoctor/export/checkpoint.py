@@ -102,7 +102,7 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
     """Write ``model`` with its plan to ``out_dir`` (see the module docstring).
 
     recipe: a ``policy.recipe.Recipe`` (or anything with ``scheme``, ``apply_block`` and
-        ``apply_rest``) applied block by block as the checkpoint is written — needed for a
+        ``apply_rest``; with ``gptq`` set, ``gptq_weights``) applied block by block as the checkpoint is written — needed for a
         block-streamed model; a model in memory is left as it was. None: ``model`` is already
         quantized by ``qdoctor.quantize`` and is written as it is.
     stats: the recipe's ``CalibrationStats`` (static activation scales, smoothing).
@@ -143,13 +143,15 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
     group_of = plan.group_of()
     prefix = arch_for(model).blocks + "."
     qstats = recipe.quantization_stats(model, tokenizer, stats) if recipe is not None else None
+    gptq = recipe.gptq_weights(model, tokenizer, stats, qstats, progress=progress) \
+        if getattr(recipe, "gptq", None) is not None else None  # GPTQ's weights: the codes exported
     with staged_dir(out_dir, overwrite) as tmp:
         writer = ShardWriter(tmp, max_shard_size)
         for i in tqdm(range(len(get_blocks(model))), desc="exporting", unit="block", disable=not progress,
                       leave=False):
             with materialized(model, i, transient=recipe is not None) as block:
                 if recipe is not None:
-                    recipe.apply_block(model, i, block, stats, qstats)
+                    recipe.apply_block(model, i, block, stats, qstats, gptq=gptq)
                 writer.add(_saved_names(model, module_tensors(block, f"{prefix}{i}.", group_of, plan.dtype)))
             if max_shard_size is None:
                 writer.flush()

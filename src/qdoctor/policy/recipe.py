@@ -5,6 +5,7 @@
     calibration: {n_samples: 64, seqlen: 512, source: wikitext2:valid, seed: 0, sample_rows: 512}
     smoothing:                                # applied in order to the full-precision model
       - {method: smoothquant, alpha: 0.8, layers: ["*"]}
+    gptq: {dampening: 0.01, act_order: false, block_size: 128, propagate: false}   # optional
     scheme:                                   # a qdoctor Scheme (docs/schemes.md)
       name: auto
       default: {weights: {dtype: int8, granularity: tensor}, activations: {dtype: int8, granularity: tensor}}
@@ -23,6 +24,13 @@ blocks by the pipeline (``models.streaming``):
   needs the whole treated model (zero-shot scoring), restored after;
 - ``Recipe.apply(model, tokenizer)`` — the model treated in place for good.
 
+GPTQ (``gptq:``, ``quant.gptq``): one more pass over the calibration windows before the plan is
+applied (``gptq_weights``, ``quant.gptq_pass``) rounds each block's weights after its smoothing;
+``apply_block`` then quantizes the block with exactly those weights and scales.
+
+Named recipes (``NAMED_RECIPES``, name → function(target scheme) → Recipe): ``smoothquant-gptq``
+is llm-compressor's standard W8A8 recipe, SmoothQuant α = 0.8 on every pair + GPTQ.
+
 Calibration: the recipe's seeded config gives the same statistics every time; a percentile
 observer after smoothing needs the per-token maxima of the smoothed model, so those come from
 one more calibration pass with the smoothing alone applied (``quantization_stats``).
@@ -34,19 +42,22 @@ import copy
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch.nn as nn
 import yaml
 
-from qdoctor.calib.collect import CalibrationConfig, CalibrationStats, calibrate
+from qdoctor.calib.collect import CalibrationConfig, CalibrationStats, calibrate, calibration_windows
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import PerplexityResult, perplexity
 from qdoctor.io import atomic_write_text
-from qdoctor.models.registry import arch_for
+from qdoctor.models.registry import arch_for, bos_token_id
 from qdoctor.models.streaming import each_block, require_resident
 from qdoctor.quant.apply import QuantizeResult, quantize, restore
+from qdoctor.quant.gptq import GPTQConfig
+from qdoctor.quant.gptq_pass import GPTQWeights, gptq_pass
 from qdoctor.quant.schemefile import check_recipe_dict, read_plan_data
-from qdoctor.quant.spec import Scheme
+from qdoctor.quant.spec import Scheme, get_scheme
 from qdoctor.transforms.smoothing import SmoothingStep, smooth_block
 
 RECIPE_VERSION = 1
@@ -61,6 +72,7 @@ class Recipe:
     model: str = ""
     evidence: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    gptq: GPTQConfig | None = None  # round the weights with GPTQ (None: round to nearest)
 
     @property
     def needs_calibration(self) -> bool:
@@ -112,13 +124,33 @@ class Recipe:
         return stats
 
     def apply_block(self, model, i: int, block, stats: CalibrationStats | None,
-                    quant_stats: CalibrationStats | None = None) -> QuantizeResult:
+                    quant_stats: CalibrationStats | None = None, gptq: GPTQWeights | None = None) -> QuantizeResult:
         """Treat decoder block ``i`` (opened by the pipeline): the smoothing steps, then the scheme on
         the block's layers by their full names. Static scales come from ``quant_stats`` when given
-        (``quantization_stats``), else from the smoothed copy of ``stats``."""
+        (``quantization_stats``), else from the smoothed copy of ``stats``; the weights from ``gptq``
+        (``gptq_weights``) when given, else rounded to nearest."""
+        return self.prepare_block(model, i, block, stats, quant_stats)(gptq.block(i) if gptq is not None else None)
+
+    def prepare_block(self, model, i: int, block, stats: CalibrationStats | None,
+                      quant_stats: CalibrationStats | None = None):
+        """Treat block ``i`` up to weight rounding (the smoothing steps); returns ``finish(weights)``
+        that quantizes it, with {name: (Ŵ, scale)} for the layers GPTQ rounded (None: none)."""
         smoothed = self.smooth_block(model, i, block, stats)
         prefix = f"{arch_for(model).blocks}.{i}."
-        return quantize(block, self.scheme, calibration=quant_stats or smoothed, progress=False, prefix=prefix)
+        return lambda weights: quantize(block, self.scheme, calibration=quant_stats or smoothed, progress=False,
+                                        prefix=prefix, weights=weights)
+
+    def gptq_weights(self, model, tokenizer, stats: CalibrationStats | None,
+                     quant_stats: CalibrationStats | None = None, progress: bool = False) -> GPTQWeights | None:
+        """The GPTQ pass (``quant.gptq_pass``) over the calibration windows (those of ``stats``, or
+        the recipe's), every block prepared as ``apply_block`` prepares it; None without ``gptq``."""
+        if self.gptq is None:
+            return None
+        ids = stats.input_ids if stats is not None else calibration_windows(
+            tokenizer, self.calibration, bos_id=bos_token_id(model, tokenizer))
+        return gptq_pass(model, ids, self.scheme, self.gptq,
+                         lambda i, block: self.prepare_block(model, i, block, stats, quant_stats),
+                         batch_size=self.calibration.batch_size, progress=progress)
 
     def apply_rest(self, model, stats: CalibrationStats | None) -> QuantizeResult | None:
         """Quantize the layers outside the decoder blocks that the scheme selects (an LM head it
@@ -135,6 +167,7 @@ class Recipe:
         it is opened and put back when it is closed; the model is unchanged afterwards."""
         stats = self.statistics(model, tokenizer, stats)
         qstats = self.quantization_stats(model, tokenizer, stats)
+        gptq = self.gptq_weights(model, tokenizer, stats, qstats, progress=progress)
         applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
         head = self.apply_rest(model, stats)
         try:
@@ -142,7 +175,7 @@ class Recipe:
                 applied.merge(head)
 
             def treat(i, block):
-                applied.merge(self.apply_block(model, i, block, stats, qstats))
+                applied.merge(self.apply_block(model, i, block, stats, qstats, gptq))
 
             ppl = perplexity(model, tokenizer, windows=windows, limit=limit, desc=desc, progress=progress,
                              block_transform=treat)
@@ -168,11 +201,12 @@ class Recipe:
         require_resident(model, "treating the whole model in place")
         stats = self.statistics(model, tokenizer, stats)
         qstats = self.quantization_stats(model, tokenizer, stats)
+        gptq = self.gptq_weights(model, tokenizer, stats, qstats, progress=progress)
         applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
         head = self.apply_rest(model, stats)
         if head is not None:
             applied.merge(head)
-        each_block(model, lambda i, block: applied.merge(self.apply_block(model, i, block, stats, qstats)),
+        each_block(model, lambda i, block: applied.merge(self.apply_block(model, i, block, stats, qstats, gptq)),
                    progress=progress, desc=f"applying {self.scheme.name}")
         return applied
 
@@ -185,7 +219,7 @@ class Recipe:
         return cfg
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "qdoctor_recipe": RECIPE_VERSION,
             "model": self.model,
             "calibration": {k: getattr(self.calibration, k) for k in sorted(_CALIB_KEYS)},
@@ -194,6 +228,9 @@ class Recipe:
             "evidence": self.evidence,
             "metrics": self.metrics,
         }
+        if self.gptq is not None:
+            d["gptq"] = self.gptq.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -203,7 +240,8 @@ class Recipe:
         version = d.get("qdoctor_recipe", RECIPE_VERSION)
         if version != RECIPE_VERSION:
             raise QDoctorError(f"recipe version {version} is not supported (this qdoctor reads {RECIPE_VERSION})")
-        unknown = set(d) - {"qdoctor_recipe", "model", "calibration", "smoothing", "scheme", "evidence", "metrics"}
+        unknown = set(d) - {"qdoctor_recipe", "model", "calibration", "smoothing", "scheme", "evidence", "metrics",
+                            "gptq"}
         if unknown:
             raise QDoctorError(f"unknown key(s) in recipe: {', '.join(sorted(unknown))}")
         cal = d.get("calibration") or {}
@@ -213,7 +251,8 @@ class Recipe:
         return cls(scheme=Scheme.from_dict(d["scheme"]),
                    smoothing=[SmoothingStep.from_dict(s) for s in d.get("smoothing") or []],
                    calibration=CalibrationConfig(**cal), model=str(d.get("model", "")),
-                   evidence=dict(d.get("evidence") or {}), metrics=dict(d.get("metrics") or {}))
+                   evidence=dict(d.get("evidence") or {}), metrics=dict(d.get("metrics") or {}),
+                   gptq=GPTQConfig.from_dict(d["gptq"]) if d.get("gptq") is not None else None)
 
     def dumps(self, fmt: str = "yaml") -> str:
         if fmt == "json":
@@ -228,8 +267,34 @@ def _uses_percentile(scheme: Scheme) -> bool:
 
 
 def load_recipe(path: str) -> Recipe:
+    """The recipe in file ``path`` — or, when no such file exists, the named recipe
+    ``NAME[:SCHEME]`` (``NAMED_RECIPES``, e.g. ``smoothquant-gptq:w8a8-channel-tensor-static``;
+    without ``:SCHEME`` its default target), so every ``--recipe`` option takes both."""
+    name, _, scheme = str(path).partition(":")
+    if name in NAMED_RECIPES and not Path(path).exists():
+        return named_recipe(name, scheme or None)
     return Recipe.from_dict(read_plan_data(path, "recipe", yaml_always=True))  # YAML is a superset of JSON
 
 
 def save_recipe(recipe: Recipe, path: str) -> None:
     atomic_write_text(path, recipe.dumps("json" if path.endswith(".json") else "yaml"))
+
+
+def smoothquant_gptq(scheme: "Scheme | str" = "w8a8-channel-token") -> Recipe:
+    """llm-compressor's standard W8A8 recipe (its Llama-3 examples): SmoothQuant α = 0.8 on every
+    norm→linear and linear→linear pair, then GPTQ with its defaults, on ``scheme``."""
+    scheme = get_scheme(scheme)
+    return Recipe(scheme=scheme, smoothing=[SmoothingStep(method="smoothquant", alpha=0.8)], gptq=GPTQConfig(),
+                  evidence={"recipe": "smoothquant-gptq: llm-compressor's SmoothQuant 0.8 + GPTQ W8A8 recipe"})
+
+
+NAMED_RECIPES = {"smoothquant-gptq": smoothquant_gptq}  # name → function(target scheme) → Recipe
+
+
+def named_recipe(name: str, scheme: "Scheme | str | None" = None) -> Recipe:
+    """The named recipe ``name`` (``NAMED_RECIPES``) on ``scheme`` (default: its own)."""
+    try:
+        make = NAMED_RECIPES[name]
+    except KeyError:
+        raise QDoctorError(f"unknown named recipe {name!r}; named recipes: {', '.join(NAMED_RECIPES)}") from None
+    return make() if scheme is None else make(scheme)
