@@ -162,12 +162,15 @@ class Recipe:
         return quantize(model, outside, calibration=stats, progress=False)
 
     def perplexity(self, model, tokenizer, windows, stats: CalibrationStats | None = None, desc: str = "perplexity",
-                   progress: bool = False, limit: int | None = None) -> tuple[PerplexityResult, QuantizeResult]:
+                   progress: bool = False, limit: int | None = None,
+                   gptq: GPTQWeights | None = None) -> tuple[PerplexityResult, QuantizeResult]:
         """(perplexity of ``windows`` under the plan, what was applied): every block treated as
-        it is opened and put back when it is closed; the model is unchanged afterwards."""
+        it is opened and put back when it is closed; the model is unchanged afterwards.
+        ``gptq``: the plan's GPTQ weights when already computed (``gptq_weights``)."""
         stats = self.statistics(model, tokenizer, stats)
         qstats = self.quantization_stats(model, tokenizer, stats)
-        gptq = self.gptq_weights(model, tokenizer, stats, qstats, progress=progress)
+        if gptq is None:
+            gptq = self.gptq_weights(model, tokenizer, stats, qstats, progress=progress)
         applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
         head = self.apply_rest(model, stats)
         try:

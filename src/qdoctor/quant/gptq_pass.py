@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import weakref
 from pathlib import Path
 from typing import Callable
@@ -55,6 +56,7 @@ class GPTQWeights:
         self.config = config
         self._blocks: dict[int, dict[str, torch.Tensor]] = {}
         self.folder: Path | None = None
+        self.seconds = {"calibration": 0.0, "gptq": 0.0}  # the pass's forwards + hooks; GPTQ's math
         if spill:
             self.folder = Path(tempfile.mkdtemp(prefix="qdoctor-gptq-"))
             self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
@@ -99,6 +101,7 @@ def gptq_pass(model: nn.Module, input_ids: torch.Tensor, scheme: Scheme, config:
     arch = arch_for(model)
     groups = arch.input_groups(model.config)
     store = GPTQWeights(scheme, config, spill=not block_source(model).resident)
+    t_start = time.perf_counter()
 
     def on_block(i, block, inputs):
         prefix = f"{arch.blocks}.{i}."
@@ -117,6 +120,7 @@ def gptq_pass(model: nn.Module, input_ids: torch.Tensor, scheme: Scheme, config:
             for h in handles:
                 h.remove()
         rounded = {}
+        t0 = time.perf_counter()
         for lead, members in targets.items():
             H = hessians.pop(lead).hessian()
             for rel in members:
@@ -124,6 +128,8 @@ def gptq_pass(model: nn.Module, input_ids: torch.Tensor, scheme: Scheme, config:
                 spec = scheme.resolve(prefix + rel).weights
                 rounded[prefix + rel] = gptq_quantize(lin.weight.detach(), H, spec, config=config)
             del H
+        _sync(block)
+        store.seconds["gptq"] += time.perf_counter() - t0
         store.put(i, rounded)
         if config.propagate:
             finish(rounded)
@@ -131,7 +137,15 @@ def gptq_pass(model: nn.Module, input_ids: torch.Tensor, scheme: Scheme, config:
         return outputs
 
     stream_blocks(model, input_ids, on_block, batch_size=batch_size, progress=progress, desc="GPTQ", transient=True)
+    store.seconds["calibration"] = time.perf_counter() - t_start - store.seconds["gptq"]
     return store
+
+
+def _sync(block: nn.Module) -> None:
+    """Wait for the device (the timings above are wall clock)."""
+    p = next(block.parameters(), None)
+    if p is not None and p.is_cuda:
+        torch.cuda.synchronize(p.device)
 
 
 def _gptq_target(block: nn.Module, name: str, rel: str, scheme: Scheme) -> bool:
