@@ -142,3 +142,19 @@ def test_quantize_cli_gptq_recipe_whole_and_streamed(tiny_llama_dir, tmp_path):
     whole, streamed = cli_reports_whole_and_streamed(tmp_path, args)
     assert streamed["quantized"]["ppl"] == pytest.approx(whole["quantized"]["ppl"], rel=1e-6)
     assert whole["quantized_layers"] == 14
+
+
+def test_search_tries_gptq_when_asked():
+    from helpers import tiny_model, tiny_tokenizer
+    from qdoctor.policy.search import FixConfig, search
+
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    cal = CalibrationConfig(n_samples=8, seqlen=64, sample_rows=64, holdout_fraction=0.2)
+    cfg = FixConfig(target="w8a8-tensor-static", budget_pct=0.0, eval_windows=2, eval_seqlen=64, alphas=(0.5,),
+                    max_layer_fraction=0.0, weight_error_threshold=1.0, calibration=cal, gptq=GPTQConfig())
+    r = search(model, tok, cfg, progress=False)
+    labels = [t.label for t in r.trials]
+    assert any(lb.endswith("+gptq") for lb in labels), labels
+    assert r.best.value == min(t.value for t in r.trials)
+    assert (r.recipe.gptq is not None) == ("+gptq" in r.best.label)
+    assert Recipe.from_dict(r.recipe.to_dict()).gptq == r.recipe.gptq
