@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     cal = CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen)
     gptq = GPTQConfig(act_order=args.act_order, propagate=args.propagate)
     fp = perplexity(model, tok, windows=windows, progress=False)
-    print(f"full precision: PPL {fp.ppl:.4f} on {fp.n_windows} × {fp.seqlen} WikiText-2 test tokens")
+    print(f"full precision: PPL {fp.ppl:.4f} on {fp.n_windows} × {fp.seqlen} WikiText-2 test tokens", flush=True)
     print(f"calibration {cal.n_samples} × {cal.seqlen} tokens of {cal.source}; {gptq}")
     for name in args.schemes.split(","):
         rtn = Recipe(scheme=get_scheme(name), calibration=cal)
@@ -65,15 +65,14 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         store = with_gptq.gptq_weights(model, tok, stats, progress=True)
         total = time.perf_counter() - t0
-        load = os.getloadavg()[0]
+        print(f"{name}: GPTQ pass {total:.1f}s = calibration pass {store.seconds['calibration']:.1f}s + "
+              f"GPTQ math {store.seconds['gptq']:.1f}s (load average {os.getloadavg()[0]:.1f}); "
+              f"vs llm-compressor GPTQModifier's stated ≈{LLM_COMPRESSOR_GPTQ_SECONDS:.0f}s elsewhere: "
+              f"{total / LLM_COMPRESSOR_GPTQ_SECONDS:.2f}×", flush=True)
         p_rtn, _ = rtn.perplexity(model, tok, windows, stats=stats)
         p_gptq, _ = with_gptq.perplexity(model, tok, windows, stats=stats, gptq=store)  # the weights just timed
-        print(f"{name}: GPTQ pass {total:.1f}s = calibration pass {store.seconds['calibration']:.1f}s + "
-              f"GPTQ math {store.seconds['gptq']:.1f}s (load average {load:.1f}); "
-              f"vs llm-compressor GPTQModifier's stated ≈{LLM_COMPRESSOR_GPTQ_SECONDS:.0f}s elsewhere: "
-              f"{total / LLM_COMPRESSOR_GPTQ_SECONDS:.2f}×")
         print(f"  PPL RTN {p_rtn.ppl:.4f} ({100 * (p_rtn.ppl / fp.ppl - 1):+.2f}%), "
-              f"GPTQ {p_gptq.ppl:.4f} ({100 * (p_gptq.ppl / fp.ppl - 1):+.2f}%)")
+              f"GPTQ {p_gptq.ppl:.4f} ({100 * (p_gptq.ppl / fp.ppl - 1):+.2f}%)", flush=True)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,8 @@ class Recipe:
         the recipe's), every block prepared as ``apply_block`` prepares it; None without ``gptq``."""
         if self.gptq is None:
             return None
+        if stats is None and tokenizer is None:
+            raise QDoctorError("GPTQ needs calibration windows: pass the tokenizer or the calibration statistics")
         ids = stats.input_ids if stats is not None else calibration_windows(
             tokenizer, self.calibration, bos_id=bos_token_id(model, tokenizer))
         return gptq_pass(model, ids, self.scheme, self.gptq,
