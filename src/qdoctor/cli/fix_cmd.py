@@ -80,6 +80,9 @@ def register(sub) -> None:
                                                       "per-group (default 3%%)")
     p.add_argument("--keep", default="bf16", choices=["bf16", "fp16", "fp8"],
                    help="precision of layers kept out of INT8 (default bf16)")
+    p.add_argument("--gptq", action="store_true",
+                   help="also try GPTQ weight rounding (default settings) as a candidate step, kept if it scores "
+                        "better (free at inference; one more calibration pass per plan scored with it)")
     p.add_argument("--eval-windows", type=positive_int, default=4,
                    help="held-out windows scoring each candidate plan (default 4)")
     p.add_argument("--eval-seqlen", type=positive_int, default=2048, help="held-out window length (default 2048)")
@@ -105,6 +108,7 @@ def run(args) -> int:
     from qdoctor.calib.collect import CalibrationConfig
     from qdoctor.policy.metric import parse_metric
     from qdoctor.policy.search import FixConfig, Searcher, resolve_target, search
+    from qdoctor.quant.gptq import GPTQConfig
 
     spec = parse_metric(args.metric)
     if spec.name == "ppl":
@@ -133,7 +137,7 @@ def run(args) -> int:
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   source=args.calib_source, seed=args.seed,
                                                   sample_rows=args.sample_rows, holdout_fraction=0.2),
-                    metric=str(spec), **task_kw)
+                    metric=str(spec), gptq=GPTQConfig() if args.gptq else None, **task_kw)
     if spec.name == "tasks":  # a missing data file fails now, not after loading the model
         from qdoctor.eval.zeroshot import find_task_file
 

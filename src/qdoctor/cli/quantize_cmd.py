@@ -12,8 +12,10 @@ def register(sub) -> None:
     p = sub.add_parser("quantize", help="apply a recipe (from `qdoctor fix`) and measure perplexity")
     add_model_args(p)
     add_stream_arg(p)
-    p.add_argument("--recipe", required=True, help="recipe file (YAML or JSON): qdoctor's or llm-compressor's "
-                                                   "(mapped; notes say what it could not express)")
+    p.add_argument("--recipe", required=True,
+                   help="recipe file (YAML or JSON): qdoctor's or llm-compressor's (mapped; notes say what it could "
+                        "not express), or a named recipe NAME[:SCHEME], e.g. smoothquant-gptq (SmoothQuant 0.8 + "
+                        "GPTQ on w8a8-channel-token) or smoothquant-gptq:w8a8-channel-tensor-static")
     add_ppl_args(p, limit=4)
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.set_defaults(func=run)

@@ -103,7 +103,7 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
     """Write ``model`` with its plan to ``out_dir`` (see the module docstring).
 
     recipe: a ``policy.recipe.Recipe`` (or anything with ``scheme``, ``apply_block`` and
-        ``apply_rest``) applied block by block as the checkpoint is written — needed for a
+        ``apply_rest``; with ``gptq`` set, ``gptq_weights``) applied block by block as the checkpoint is written — needed for a
         block-streamed model; a model in memory is left as it was. None: ``model`` is already
         quantized by ``qdoctor.quantize`` and is written as it is.
     stats: the recipe's ``CalibrationStats`` (static activation scales, smoothing).
@@ -140,13 +140,15 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
     if rotation is not None and stats is not None:
         stats = recipe.statistics(model, tokenizer, stats)  # statistics of an unrotated model: recalibrated
     qstats = recipe.quantization_stats(model, tokenizer, stats) if recipe is not None else None
+    # GPTQ's weights (the codes exported), from its own pass over the calibration windows
+    gptq = recipe.gptq_weights(model, tokenizer, stats, qstats, progress=progress) if recipe is not None else None
     with recipe.rotated(model) if rotation is not None else nullcontext() as notes:
         plan.warnings.extend(notes or [])
-        return _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, layers, plan, overwrite, card,
-                                 max_shard_size, progress, t0)
+        return _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, gptq, layers, plan, overwrite,
+                                 card, max_shard_size, progress, t0)
 
 
-def _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, layers, plan, overwrite, card,
+def _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, gptq, layers, plan, overwrite, card,
                       max_shard_size, progress, t0) -> ExportReport:
     config = copy.deepcopy(model.config)
     config.dtype = plan.dtype
@@ -162,7 +164,7 @@ def _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, layers, 
                       leave=False):
             with materialized(model, i, transient=recipe is not None) as block:
                 if recipe is not None:
-                    recipe.apply_block(model, i, block, stats, qstats)
+                    recipe.apply_block(model, i, block, stats, qstats, gptq=gptq)
                 block_online = online_transforms(block, f"{prefix}{i}.")
                 online.update(block_online)
                 writer.add(_saved_names(model, {**module_tensors(block, f"{prefix}{i}.", group_of, plan.dtype),

@@ -6,6 +6,7 @@
     rotation: {r1: true, r2: true, r4: false}  # Hadamard rotations (transforms/rotation.py), optional
     smoothing:                                # applied in order to the full-precision model
       - {method: smoothquant, alpha: 0.8, layers: ["*"]}
+    gptq: {dampening: 0.01, act_order: false, block_size: 128, propagate: false}   # optional
     scheme:                                   # a qdoctor Scheme (docs/schemes.md)
       name: auto
       default: {weights: {dtype: int8, granularity: tensor}, activations: {dtype: int8, granularity: tensor}}
@@ -26,6 +27,13 @@ blocks by the pipeline (``models.streaming``):
   needs the whole treated model (zero-shot scoring), restored after;
 - ``Recipe.apply(model, tokenizer)`` — the model treated in place for good.
 
+GPTQ (``gptq:``, ``quant.gptq``): one more pass over the calibration windows before the plan is
+applied (``gptq_weights``, ``quant.gptq_pass``) rounds each block's weights after its smoothing;
+``apply_block`` then quantizes the block with exactly those weights and scales.
+
+Named recipes (``NAMED_RECIPES``, name → function(target scheme) → Recipe): ``smoothquant-gptq``
+is llm-compressor's standard W8A8 recipe, SmoothQuant α = 0.8 on every pair + GPTQ.
+
 Calibration: the recipe's seeded config gives the same statistics every time; a percentile
 observer after smoothing needs the per-token maxima of the smoothed model, so those come from
 one more calibration pass with the smoothing alone applied (``quantization_stats``). The ``mse``
@@ -41,22 +49,25 @@ import copy
 import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch.nn as nn
 import yaml
 
-from qdoctor.calib.collect import CalibrationConfig, CalibrationStats, calibrate
+from qdoctor.calib.collect import CalibrationConfig, CalibrationStats, calibrate, calibration_windows
 from qdoctor.calib.observers import NEEDS_ROWS, NEEDS_TOKEN_MAXIMA
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import PerplexityResult, perplexity
 from qdoctor.io import atomic_write_text
-from qdoctor.models.registry import arch_for
+from qdoctor.models.registry import arch_for, bos_token_id
 from qdoctor.models.streaming import each_block, require_resident
 from qdoctor.policy.lc_recipe import from_llm_compressor, is_lc_recipe
 from qdoctor.quant.apply import QuantizeResult, quantize, restore
+from qdoctor.quant.gptq import GPTQConfig
+from qdoctor.quant.gptq_pass import GPTQWeights, gptq_pass
 from qdoctor.quant.linear import clear_input_transforms
 from qdoctor.quant.schemefile import check_recipe_dict, read_plan_data
-from qdoctor.quant.spec import Scheme
+from qdoctor.quant.spec import Scheme, get_scheme
 from qdoctor.transforms.rotation import RestSnapshot, RotationStep, rotate_block, rotate_rest, rotated_rest
 from qdoctor.transforms.smoothing import SmoothingStep, smooth_block
 
@@ -73,6 +84,7 @@ class Recipe:
     evidence: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     rotation: RotationStep | None = None  # Hadamard rotations, applied before smoothing
+    gptq: GPTQConfig | None = None  # round the weights with GPTQ (None: round to nearest)
 
     @property
     def basis(self) -> str:
@@ -158,15 +170,39 @@ class Recipe:
         return stats
 
     def apply_block(self, model, i: int, block, stats: CalibrationStats | None,
-                    quant_stats: CalibrationStats | None = None) -> QuantizeResult:
+                    quant_stats: CalibrationStats | None = None, gptq: GPTQWeights | None = None) -> QuantizeResult:
         """Treat decoder block ``i`` (opened by the pipeline): the rotation, the smoothing steps, then
         the scheme on the block's layers by their full names. Static scales come from ``quant_stats``
-        when given (``quantization_stats``), else from the smoothed copy of ``stats``. With a
-        rotation the caller holds ``rotated(model)`` around the block pass."""
+        when given (``quantization_stats``), else from the smoothed copy of ``stats``; the weights from
+        ``gptq`` (``gptq_weights``) when given, else rounded to nearest. With a rotation the caller
+        holds ``rotated(model)`` around the block pass."""
+        return self.prepare_block(model, i, block, stats, quant_stats)(gptq.block(i) if gptq is not None else None)
+
+    def prepare_block(self, model, i: int, block, stats: CalibrationStats | None,
+                      quant_stats: CalibrationStats | None = None):
+        """Treat block ``i`` up to weight rounding (the rotation, the smoothing steps); returns
+        ``finish(weights)`` that quantizes it, with {name: (Ŵ, scale)} for the layers GPTQ rounded
+        (None: none)."""
         self.rotate_block(model, i, block)
         smoothed = self.smooth_block(model, i, block, stats)
         prefix = f"{arch_for(model).blocks}.{i}."
-        return quantize(block, self.scheme, calibration=quant_stats or smoothed, progress=False, prefix=prefix)
+        return lambda weights: quantize(block, self.scheme, calibration=quant_stats or smoothed, progress=False,
+                                        prefix=prefix, weights=weights)
+
+    def gptq_weights(self, model, tokenizer, stats: CalibrationStats | None,
+                     quant_stats: CalibrationStats | None = None, progress: bool = False) -> GPTQWeights | None:
+        """The GPTQ pass (``quant.gptq_pass``) over the calibration windows (those of ``stats``, or
+        the recipe's), every block prepared as ``apply_block`` prepares it; None without ``gptq``."""
+        if self.gptq is None:
+            return None
+        if stats is None and tokenizer is None:
+            raise QDoctorError("GPTQ needs calibration windows: pass the tokenizer or the calibration statistics")
+        ids = stats.input_ids if stats is not None else calibration_windows(
+            tokenizer, self.calibration, bos_id=bos_token_id(model, tokenizer))
+        with self.rotated(model):  # the pass sees the model as the plan treats it
+            return gptq_pass(model, ids, self.scheme, self.gptq,
+                             lambda i, block: self.prepare_block(model, i, block, stats, quant_stats),
+                             batch_size=self.calibration.batch_size, progress=progress)
 
     def apply_rest(self, model, stats: CalibrationStats | None) -> QuantizeResult | None:
         """Quantize the layers outside the decoder blocks that the scheme selects (an LM head it
@@ -178,11 +214,15 @@ class Recipe:
         return quantize(model, outside, calibration=stats, progress=False)
 
     def perplexity(self, model, tokenizer, windows, stats: CalibrationStats | None = None, desc: str = "perplexity",
-                   progress: bool = False, limit: int | None = None) -> tuple[PerplexityResult, QuantizeResult]:
+                   progress: bool = False, limit: int | None = None,
+                   gptq: GPTQWeights | None = None) -> tuple[PerplexityResult, QuantizeResult]:
         """(perplexity of ``windows`` under the plan, what was applied): every block treated as
-        it is opened and put back when it is closed; the model is unchanged afterwards."""
+        it is opened and put back when it is closed; the model is unchanged afterwards.
+        ``gptq``: the plan's GPTQ weights when already computed (``gptq_weights``)."""
         stats = self.statistics(model, tokenizer, stats)
         qstats = self.quantization_stats(model, tokenizer, stats)
+        if gptq is None:
+            gptq = self.gptq_weights(model, tokenizer, stats, qstats, progress=progress)
         applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
         with ExitStack() as rest:
             rest.enter_context(self.rotated(model))
@@ -192,7 +232,7 @@ class Recipe:
                 applied.merge(head)
 
             def treat(i, block):
-                applied.merge(self.apply_block(model, i, block, stats, qstats))
+                applied.merge(self.apply_block(model, i, block, stats, qstats, gptq))
 
             ppl = perplexity(model, tokenizer, windows=windows, limit=limit, desc=desc, progress=progress,
                              block_transform=treat)
@@ -220,13 +260,14 @@ class Recipe:
         require_resident(model, "treating the whole model in place")
         stats = self.statistics(model, tokenizer, stats)
         qstats = self.quantization_stats(model, tokenizer, stats)
+        gptq = self.gptq_weights(model, tokenizer, stats, qstats, progress=progress)
         applied = QuantizeResult(scheme=self.scheme, layers={}, ignored=[])
         if self.rotation is not None:
             rotate_rest(model, self.rotation)
         head = self.apply_rest(model, stats)
         if head is not None:
             applied.merge(head)
-        each_block(model, lambda i, block: applied.merge(self.apply_block(model, i, block, stats, qstats)),
+        each_block(model, lambda i, block: applied.merge(self.apply_block(model, i, block, stats, qstats, gptq)),
                    progress=progress, desc=f"applying {self.scheme.name}")
         return applied
 
@@ -241,7 +282,7 @@ class Recipe:
         return cfg
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "qdoctor_recipe": RECIPE_VERSION,
             "model": self.model,
             "calibration": {k: getattr(self.calibration, k) for k in sorted(_CALIB_KEYS)},
@@ -251,6 +292,9 @@ class Recipe:
             "evidence": self.evidence,
             "metrics": self.metrics,
         }
+        if self.gptq is not None:
+            d["gptq"] = self.gptq.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
@@ -261,7 +305,7 @@ class Recipe:
         if version != RECIPE_VERSION:
             raise QDoctorError(f"recipe version {version} is not supported (this qdoctor reads {RECIPE_VERSION})")
         unknown = set(d) - {"qdoctor_recipe", "model", "calibration", "smoothing", "scheme", "evidence", "metrics",
-                            "rotation"}
+                            "rotation", "gptq"}
         if unknown:
             raise QDoctorError(f"unknown key(s) in recipe: {', '.join(sorted(unknown))}")
         cal = d.get("calibration") or {}
@@ -272,7 +316,8 @@ class Recipe:
                    smoothing=[SmoothingStep.from_dict(s) for s in d.get("smoothing") or []],
                    calibration=CalibrationConfig(**cal), model=str(d.get("model", "")),
                    evidence=dict(d.get("evidence") or {}), metrics=dict(d.get("metrics") or {}),
-                   rotation=RotationStep.from_dict(d["rotation"]) if d.get("rotation") is not None else None)
+                   rotation=RotationStep.from_dict(d["rotation"]) if d.get("rotation") is not None else None,
+                   gptq=GPTQConfig.from_dict(d["gptq"]) if d.get("gptq") is not None else None)
 
     def dumps(self, fmt: str = "yaml") -> str:
         if fmt == "json":
@@ -293,8 +338,12 @@ def _uses_percentile(scheme: Scheme) -> bool:
 
 
 def read_recipe(path: str) -> tuple[Recipe, list[str]]:
-    """(the recipe in ``path``, notes for the user): a qdoctor recipe as it is, or an llm-compressor
-    recipe mapped onto one (``policy.lc_recipe``; the notes say what could not be expressed)."""
+    """(the recipe in ``path``, notes for the user): a qdoctor recipe as it is, an llm-compressor
+    recipe mapped onto one (``policy.lc_recipe``; the notes say what could not be expressed), or —
+    when no such file exists — the named recipe ``NAME[:SCHEME]`` (``NAMED_RECIPES``)."""
+    name, _, scheme = str(path).partition(":")
+    if name in NAMED_RECIPES and not Path(path).exists():  # a named recipe NAME[:SCHEME]
+        return named_recipe(name, scheme or None), []
     data = read_plan_data(path, "recipe", yaml_always=True)  # YAML is a superset of JSON
     if not is_lc_recipe(data):
         return Recipe.from_dict(data), []
@@ -308,8 +357,30 @@ def read_recipe(path: str) -> tuple[Recipe, list[str]]:
 
 
 def load_recipe(path: str) -> Recipe:
+    """The recipe ``read_recipe`` reads (a file, or a named recipe such as
+    ``smoothquant-gptq:w8a8-channel-tensor-static``), without its notes."""
     return read_recipe(path)[0]
 
 
 def save_recipe(recipe: Recipe, path: str) -> None:
     atomic_write_text(path, recipe.dumps("json" if path.endswith(".json") else "yaml"))
+
+
+def smoothquant_gptq(scheme: "Scheme | str" = "w8a8-channel-token") -> Recipe:
+    """llm-compressor's standard W8A8 recipe (its Llama-3 examples): SmoothQuant α = 0.8 on every
+    norm→linear and linear→linear pair, then GPTQ with its defaults, on ``scheme``."""
+    scheme = get_scheme(scheme)
+    return Recipe(scheme=scheme, smoothing=[SmoothingStep(method="smoothquant", alpha=0.8)], gptq=GPTQConfig(),
+                  evidence={"recipe": "smoothquant-gptq: llm-compressor's SmoothQuant 0.8 + GPTQ W8A8 recipe"})
+
+
+NAMED_RECIPES = {"smoothquant-gptq": smoothquant_gptq}  # name → function(target scheme) → Recipe
+
+
+def named_recipe(name: str, scheme: "Scheme | str | None" = None) -> Recipe:
+    """The named recipe ``name`` (``NAMED_RECIPES``) on ``scheme`` (default: its own)."""
+    try:
+        make = NAMED_RECIPES[name]
+    except KeyError:
+        raise QDoctorError(f"unknown named recipe {name!r}; named recipes: {', '.join(NAMED_RECIPES)}") from None
+    return make() if scheme is None else make(scheme)

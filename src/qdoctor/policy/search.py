@@ -11,6 +11,8 @@ INT8 path. The search therefore tries, on top of the best plan so far:
    bi-smoothing of their producer pairs; keep the better;
 3. activations — SmoothQuant on every pair for each α in ``alphas`` ("auto": α searched per
    pair on calibration output error, pairs with a kept consumer left alone); keep if better;
+3b. weight rounding — only with ``FixConfig.gptq``: GPTQ on the best plan so far (free at
+   inference: the weights stay on the same grid); keep if better;
 4. spike-aware precision — keep the spikiest layers (by spike ratio) in ``keep`` precision,
    one at a time, while the budget is missed and fewer than ``max_layer_fraction`` of the
    layers are out of the default;
@@ -47,6 +49,7 @@ from qdoctor.models.streaming import require_resident
 from qdoctor.policy.evidence import cap, evidence_from_scan, rank_spikes, rank_weight_outliers
 from qdoctor.policy.metric import Metric, MetricSpec, PerplexityMetric, TaskAccuracyMetric, parse_metric
 from qdoctor.policy.recipe import Recipe
+from qdoctor.quant.gptq import GPTQConfig
 from qdoctor.quant.granularity import PerChannel, PerGroup
 from qdoctor.quant.spec import LayerScheme, QuantSpec, Scheme, get_scheme
 from qdoctor.scan.config import FIX_SPIKE_MIN_RATIO, ScanConfig, Thresholds
@@ -81,6 +84,7 @@ class FixConfig:
     metric_seed: int = 1234  # task metric: seed of the draw
     task_data: str | None = None  # task metric: folder with <task>.jsonl[.gz] instead of the shipped data
     metric_batch_size: int = 16  # task metric: requests per forward
+    gptq: GPTQConfig | None = None  # a GPTQ candidate step (3b) with this config; None: not tried
 
     def __post_init__(self):
         spec = self.metric_spec  # bad syntax / unknown task → QDoctorError
@@ -120,6 +124,7 @@ class Plan:
     overrides: dict[str, LayerScheme] = field(default_factory=dict)
     label: str = "naive"
     rotation: RotationStep | None = None  # Hadamard rotations (statistics recalibrated in their basis)
+    gptq: GPTQConfig | None = None
 
     def kept(self) -> list[str]:
         return [n for n, ls in self.overrides.items() if ls.keep or (ls.weights and ls.weights.dtype == "fp8")]
@@ -128,10 +133,10 @@ class Plan:
         return [n for n, ls in self.overrides.items()
                 if ls.weights is not None and isinstance(ls.weights.granularity, PerGroup)]
 
-    def extend(self, label: str, smoothing=(), overrides=None) -> "Plan":
+    def extend(self, label: str, smoothing=(), overrides=None, gptq: GPTQConfig | None = None) -> "Plan":
         o = dict(self.overrides)
         o.update(overrides or {})
-        return Plan(self.smoothing + list(smoothing), o, label, self.rotation)
+        return Plan(self.smoothing + list(smoothing), o, label, self.rotation, gptq or self.gptq)
 
 
 @dataclass
@@ -342,9 +347,9 @@ class Searcher:
         if self.start is not None:  # the start recipe's steps first, then the plan's; its other keys kept
             return replace(self.start, scheme=scheme, smoothing=list(self.start.smoothing) + list(plan.smoothing),
                            calibration=self.config.calibration, model=model, evidence={}, metrics={},
-                           rotation=plan.rotation or self.start.rotation)
+                           rotation=plan.rotation or self.start.rotation, gptq=plan.gptq or self.start.gptq)
         return Recipe(scheme=scheme, smoothing=list(plan.smoothing), calibration=self.config.calibration, model=model,
-                      rotation=plan.rotation)
+                      rotation=plan.rotation, gptq=plan.gptq)
 
     def make_trial(self, plan: Plan, value: float, seconds: float, details: dict | None = None) -> Trial:
         """A Trial of ``plan`` scored ``value`` by the search metric."""
@@ -438,6 +443,11 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
                                      smoothing=[SmoothingStep("smoothquant", alpha)]))
             if better(t, best):
                 best = t
+    # 3b. GPTQ weight rounding (opt-in)
+    if config.gptq is not None and not meets(best):
+        t = run(best.plan.extend(f"{best.plan.label}+gptq", gptq=config.gptq))
+        if better(t, best):
+            best = t
     # 4. keep the spikiest layers
     budget_left = max_layers - len(best.plan.per_group())
     spikes = [n for n in rank_spikes(s.evidence, config.spike_min_ratio) if n not in best.plan.overrides]
@@ -453,7 +463,8 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
     if meets(best) and best.plan.kept():
         for name in sorted(best.plan.kept(), key=lambda n: s.evidence[n].spike_ratio):
             o = {k: v for k, v in best.plan.overrides.items() if k != name}
-            t = run(Plan(best.plan.smoothing, o, f"{_base_label(best.plan.label)}+keep{len(o)}-{config.keep}"))
+            t = run(Plan(best.plan.smoothing, o, f"{_base_label(best.plan.label)}+keep{len(o)}-{config.keep}",
+                         best.plan.gptq))
             if meets(t):
                 best = t
     bar.close()

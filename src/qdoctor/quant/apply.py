@@ -60,7 +60,7 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
              overrides: dict[str, "LayerScheme | dict"] | None = None, progress: bool = True,
-             prefix: str = "") -> QuantizeResult:
+             prefix: str = "", weights: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> QuantizeResult:
     """Quantize ``model`` in place.
 
     scheme: a ``Scheme`` or a named scheme (``qdoctor.quant.spec.NAMED_SCHEMES``).
@@ -68,6 +68,8 @@ def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
         the static scale of layer L is s = observer(stats[L]) / qmax.
     overrides: extra {glob: LayerScheme or its dict} applied after the scheme's own
         (e.g. ``{"model.layers.11.mlp.down_proj": {"keep": "bf16"}}``).
+    weights: {full name: (Ŵ, scale)} — weights already rounded (GPTQ) that the named quantized
+        layers use as they are, with exactly that scale (``QuantLinear``'s ``weight``/``weight_scale``).
     prefix: the full name of ``model`` inside a larger model (e.g. ``"model.layers.3."`` to
         quantize one decoder block); scheme globs and calibration look up ``prefix + name``.
     """
@@ -95,7 +97,8 @@ def quantize(model: nn.Module, scheme: "Scheme | str", calibration=None,
                                    "(qdoctor.calibrate) and pass calibration=")
             a = calibration.act_absmax(name, ls.activations.observer, ls.activations)
             act_scale = torch.tensor(a / ls.activations.qmax if a > 0 else 1.0, dtype=torch.float32)
-        replacements[name] = QuantLinear(lin, ls, act_scale, name=name)
+        w_hat, w_scale = (weights or {}).get(name, (None, None)) if ls.is_quantized else (None, None)
+        replacements[name] = QuantLinear(lin, ls, act_scale, name=name, weight=w_hat, weight_scale=w_scale)
         applied[name] = ls
     for name, module in replacements.items():
         _set_module(model, name[len(prefix):], module)

@@ -75,19 +75,27 @@ class QuantLinear(nn.Module):
     use_kernels: bool = os.environ.get("QDOCTOR_NO_KERNELS", "") in ("", "0")
     qdoctor_input_transform = None  # online input transform (``set_input_transform``)
 
-    def __init__(self, linear: nn.Linear, scheme: LayerScheme, act_scale: torch.Tensor | None = None, name: str = ""):
+    def __init__(self, linear: nn.Linear, scheme: LayerScheme, act_scale: torch.Tensor | None = None, name: str = "",
+                 weight: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None):
+        """``weight``/``weight_scale``: a weight already on the grid and its scale (GPTQ's Ŵ, s) used
+        in place of ``linear.weight`` and the scale computed from it — as given, never recomputed
+        (absmax(Ŵ)/qmax is not s); ``to_linear`` still gives back ``linear`` with its own weight."""
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.scheme = scheme
         self.name = name
-        self.weight = linear.weight
+        self.original_weight = (linear.weight,)  # a tuple: not a second registered parameter
+        if weight is not None:
+            weight = nn.Parameter(weight.detach().to(linear.weight.device), requires_grad=False)
+        self.weight = linear.weight if weight is None else weight
         self.bias = linear.bias
         self.qdoctor_input_transform = input_transform_of(linear)  # applied first in forward
         w = self.weight.detach()
         if scheme.is_quantized:
             check_finite(w, f"weight of {name or 'layer'}")
-            self.register_buffer("weight_scale", compute_scale(w, scheme.weights), persistent=False)
+            scale = compute_scale(w, scheme.weights) if weight_scale is None else weight_scale.float().to(w.device)
+            self.register_buffer("weight_scale", scale, persistent=False)
         else:
             self.weight_scale = None
         self.register_buffer("_weight_hat", None, persistent=False)  # see weight_hat
@@ -179,9 +187,10 @@ class QuantLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """The original full-precision layer (undo the quantization)."""
+        weight = self.original_weight[0]
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        lin.weight = self.weight
+                        device=weight.device, dtype=weight.dtype)
+        lin.weight = weight
         if self.bias is not None:
             lin.bias = self.bias
         if self.qdoctor_input_transform is not None:
