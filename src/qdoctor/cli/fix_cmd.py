@@ -8,7 +8,17 @@ from __future__ import annotations
 import math
 import time
 
-from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, load_model, positive_int, require_parent, say
+from qdoctor.cli.common import (
+    add_calib_args,
+    add_model_args,
+    add_serve_args,
+    add_stream_arg,
+    load_model,
+    positive_int,
+    require_parent,
+    say,
+    serve_kwargs,
+)
 from qdoctor.errors import QDoctorError
 
 
@@ -87,6 +97,7 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=positive_int, default=2048, help="test window length (default 2048)")
     p.add_argument("--sample-rows", type=positive_int, default=512,
                    help="calibration token rows kept per layer for output errors and median ranges (default 512)")
+    add_serve_args(p, "the plan must run on (candidates it cannot run are never tried)")
     add_calib_args(p)
     p.add_argument("--scan", default=None,
                    help="start from a saved scan (`qdoctor scan --json scan.json --for-fix`): its findings and "
@@ -122,13 +133,14 @@ def run(args) -> int:
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   source=args.calib_source, seed=args.seed,
                                                   sample_rows=args.sample_rows, holdout_fraction=0.2),
-                    metric=str(spec), **task_kw)
+                    metric=str(spec), **task_kw, **serve_kwargs(args))
     if spec.name == "tasks":  # a missing data file fails now, not after loading the model
         from qdoctor.eval.zeroshot import find_task_file
 
         for task in spec.tasks:
             find_task_file(task, args.task_data)
     saved = load_scan(args.scan, cfg) if args.scan else None  # a mismatch fails before the model is loaded
+    say(f"serving profile: {cfg.profile.describe()} — plans it cannot run are not tried (--serve any: no check)")
     t0 = time.perf_counter()
     model, tok = load_model(args)
     say(("searching (the saved scan's statistics and evidence" if saved else "searching (scan: calibration and "
@@ -137,6 +149,7 @@ def run(args) -> int:
     searcher = Searcher(model, tok, cfg, scan=saved)
     result = search(model, tok, cfg, searcher=searcher)
     print_trials(result)
+    print_skipped(result)
     verification = verify(searcher, result, args)
     report = result.to_dict()
     report.update({"model": args.model, "verification": verification, "recipe": result.recipe.to_dict(),
@@ -237,6 +250,13 @@ def print_trials(result) -> None:
                 cells += [_acc(tr.details[k]) if k in tr.details else "—" for k in tasks]
         t.add_row(tr.label + mark, *cells, str(tr.kept), str(tr.per_group), f"{tr.seconds:.0f}")
     Console(width=160 if len(tasks) > 1 else 120).print(t)
+
+
+def print_skipped(result) -> None:
+    """The candidates the serving profile ruled out, one line each."""
+    for sk in result.skipped:
+        say(f"not tried on {result.config.profile.describe()}: {sk['label']} — {sk['violations'][0]}"
+            + (f" (+{len(sk['violations']) - 1} more)" if len(sk["violations"]) > 1 else ""))
 
 
 def print_task_accuracy(result) -> None:
