@@ -40,6 +40,7 @@ from qdoctor.quant.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from qdoctor.quant.spec import LayerScheme, Scheme
 
 RUNTIMES = ("vllm", "transformers", "any")
+RUNTIME_NAMES = {"vllm": "vLLM", "transformers": "transformers", "any": "any runtime"}
 # CUDA compute capability of each GPU generation (sm_80, sm_89, sm_90)
 GPU_CAPABILITY = {"ampere": 80, "ada": 89, "hopper": 90}
 FP8_W8A8_MIN_CAPABILITY = 89  # CompressedTensorsW8A8Fp8.get_min_capability(): "lovelace and up"
@@ -325,7 +326,11 @@ def plan_view(recipe, model_or_layer_names, fused: list[tuple[str, ...]] | None 
 def check_plan(recipe, model_or_layer_names, profile: ServeProfile,
                fused: list[tuple[str, ...]] | None = None) -> list[Violation]:
     """Every way ``recipe`` breaks ``profile`` (empty: it serves)."""
-    view = plan_view(recipe, model_or_layer_names, fused)
+    return check_view(plan_view(recipe, model_or_layer_names, fused), profile)
+
+
+def check_view(view: PlanView, profile: ServeProfile) -> list[Violation]:
+    """Every way the plan seen as ``view`` (layers already resolved, e.g. a quantized model's) breaks ``profile``."""
     return [Violation(rule.name, layers, reason) for rule in rules_for(profile)
             for layers, reason in rule.check(view, profile)]
 
@@ -340,7 +345,8 @@ def refuse(violations: list[Violation], profile: ServeProfile, what: str = "this
     """A one-line-per-violation ``QDoctorError`` when there is any."""
     if violations:
         lines = "; ".join(v.line() for v in violations)
-        raise QDoctorError(f"{profile.describe()} cannot serve {what}: {lines} "
+        where = f" on {profile.gpu} (tp {profile.tp})" if profile.runtime == "vllm" else ""
+        raise QDoctorError(f"{RUNTIME_NAMES[profile.runtime]} cannot serve {what}{where}: {lines} "
                            "(choose another --serve/--gpu, or --serve any to skip the check)")
 
 
