@@ -93,3 +93,27 @@ def test_unservable_target_or_keep_is_refused_before_the_scan():
     with pytest.raises(QDoctorError, match="--keep fp8"):
         Searcher(model, tok, FixConfig(keep="fp8", gpu="ampere", calibration=CAL), progress=False)
     assert Plan().label == "naive"
+
+
+class Tied(Searcher):
+    """Every plan scores the same (and misses the budget), so the cost alone ranks them."""
+
+    def evaluate(self, plan, windows=None):
+        return self.make_trial(plan, self.fp_ppl * 1.10, 0.0)
+
+
+def test_ties_are_ranked_by_estimated_cost(planted, tmp_path):
+    import json
+
+    ms = {"bf16": 1.0, "int8": 0.6, "int8 g128": 0.8, "fp8": 0.5}  # a synthetic table (test fixture)
+    table = tmp_path / "gemm.json"
+    table.write_text(json.dumps({"rows": [{"M": 2048, "N": 64, "K": 64, "ms": {"graph": ms}}]}))
+    model, tok, scan = planted
+    cfg = _cfg(gemm_table=str(table))
+    s = Tied(model, tok, cfg, progress=False, scan=scan)
+    r = search(model, tok, cfg, searcher=s, progress=False)
+    assert all(t.cost is not None for t in r.trials)
+    assert r.best.cost == min(t.cost for t in r.trials) and r.best.label == "outliers-fp8"
+    assert r.cost["speedup_vs_bf16"] == pytest.approx(1 / r.best.cost)
+    # naive INT8 everywhere: every layer at 0.6 of BF16 (one shape in the table, all times scale with N·K)
+    assert r.naive.cost == pytest.approx(0.6)

@@ -98,6 +98,11 @@ def register(sub) -> None:
     p.add_argument("--sample-rows", type=positive_int, default=512,
                    help="calibration token rows kept per layer for output errors and median ranges (default 512)")
     add_serve_args(p, "the plan must run on (candidates it cannot run are never tried)")
+    p.add_argument("--cost-m", type=positive_int, default=2048,
+                   help="tokens per forward at which each plan's GEMM cost vs BF16 is estimated (default 2048)")
+    p.add_argument("--gemm-table", default=None,
+                   help="GEMM timings written by `python bench/gemm.py --json` (default: the table shipped with "
+                        "qdoctor, if one was measured)")
     add_calib_args(p)
     p.add_argument("--scan", default=None,
                    help="start from a saved scan (`qdoctor scan --json scan.json --for-fix`): its findings and "
@@ -133,7 +138,8 @@ def run(args) -> int:
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   source=args.calib_source, seed=args.seed,
                                                   sample_rows=args.sample_rows, holdout_fraction=0.2),
-                    metric=str(spec), **task_kw, **serve_kwargs(args))
+                    metric=str(spec), **task_kw, **serve_kwargs(args), cost_m=args.cost_m,
+                    gemm_table=args.gemm_table)
     if spec.name == "tasks":  # a missing data file fails now, not after loading the model
         from qdoctor.eval.zeroshot import find_task_file
 
@@ -150,6 +156,7 @@ def run(args) -> int:
     result = search(model, tok, cfg, searcher=searcher)
     print_trials(result)
     print_skipped(result)
+    say(f"estimated speed of the plan: {plan_cost_text(result)}")
     verification = verify(searcher, result, args)
     report = result.to_dict()
     report.update({"model": args.model, "verification": verification, "recipe": result.recipe.to_dict(),
@@ -237,7 +244,7 @@ def print_trials(result) -> None:
                  f"FP mean acc {_acc(result.fp_value)}, budget −{result.config.budget_pct} points)")
         head = "mean acc"
     t = Table(title=title)
-    cols = ["plan", head, "Δ vs FP", *(tasks if len(tasks) > 1 else []), "kept", "per-group", "s"]
+    cols = ["plan", head, "Δ vs FP", *(tasks if len(tasks) > 1 else []), "kept", "per-group", "cost", "s"]
     for c in cols:
         t.add_column(c, justify="left" if c == "plan" else "right")
     for tr in result.trials:
@@ -248,8 +255,17 @@ def print_trials(result) -> None:
             cells = [_acc(tr.value), f"{tr.delta:+.2f} pts"]
             if len(tasks) > 1:
                 cells += [_acc(tr.details[k]) if k in tr.details else "—" for k in tasks]
-        t.add_row(tr.label + mark, *cells, str(tr.kept), str(tr.per_group), f"{tr.seconds:.0f}")
+        cost = "—" if tr.cost is None else f"{tr.cost:.2f}"  # GEMM time vs BF16 (serve.cost); — : no table
+        t.add_row(tr.label + mark, *cells, str(tr.kept), str(tr.per_group), cost, f"{tr.seconds:.0f}")
     Console(width=160 if len(tasks) > 1 else 120).print(t)
+
+
+def plan_cost_text(result) -> str:
+    c = result.cost or {}
+    if c.get("speedup_vs_bf16") is None:
+        return c.get("why") or "no GEMM table"
+    return (f"{c['speedup_vs_bf16']:.2f}× BF16 on the linear layers' GEMMs at M = {c['M']} "
+            f"(bench/gemm.py table; attention and the rest not counted)")
 
 
 def print_skipped(result) -> None:

@@ -59,6 +59,7 @@ from qdoctor.quant.granularity import PerChannel, PerGroup
 from qdoctor.quant.spec import LayerScheme, QuantSpec, Scheme, get_scheme
 from qdoctor.scan.config import FIX_SPIKE_MIN_RATIO, ScanConfig, Thresholds
 from qdoctor.scan.run import scan_with_stats
+from qdoctor.serve.cost import GemmTable, PlanCost, plan_cost
 from qdoctor.serve.profiles import ServeProfile, check_plan, layer_servable, model_fused_groups, refuse, rules_for
 from qdoctor.transforms.smoothing import SmoothingStep
 
@@ -93,6 +94,8 @@ class FixConfig:
     gpu: str = "hopper"  # vllm: ampere | ada | hopper (FP8 W8A8 needs ada/hopper)
     tp: int = 1  # vllm: tensor parallelism (online Hadamard needs tp 1)
     allow_optional_kernels: bool = False  # vllm: the optional Humming kernel (per-group INT8 W8A8)
+    cost_m: int = 2048  # tokens per forward at which plan costs are estimated (serve.cost)
+    gemm_table: str | None = None  # bench/gemm.py JSON; None: the one shipped with qdoctor, if any
 
     def __post_init__(self):
         self.profile  # unknown runtime / GPU / bad tp → QDoctorError
@@ -107,6 +110,8 @@ class FixConfig:
             raise QDoctorError("max_layer_fraction must be in [0, 1]")
         if self.keep not in ("bf16", "fp16", "fp8"):
             raise QDoctorError(f"--keep must be bf16, fp16 or fp8, got {self.keep!r}")
+        if not isinstance(self.cost_m, int) or isinstance(self.cost_m, bool) or self.cost_m < 1:
+            raise QDoctorError(f"--cost-m must be a positive integer, got {self.cost_m!r}")
         if self.calibration.holdout_fraction <= 0:
             raise QDoctorError("the search needs held-out text: calibration.holdout_fraction > 0")
 
@@ -169,6 +174,7 @@ class Trial:
     value: float | None = None
     delta: float | None = None
     details: dict = field(default_factory=dict)
+    cost: float | None = None  # estimated GEMM time relative to BF16 at FixConfig.cost_m (serve.cost)
 
     def __post_init__(self):
         if self.metric == "ppl":
@@ -180,7 +186,7 @@ class Trial:
     def to_dict(self) -> dict:
         d = {"label": self.label, "ppl": self.ppl, "delta_pct": self.delta_pct, "kept": self.kept,
              "per_group": self.per_group, "seconds": round(self.seconds, 1), "metric": self.metric,
-             "value": self.value, "delta": self.delta}
+             "value": self.value, "delta": self.delta, "cost": self.cost}
         if self.details:
             d["details"] = dict(self.details)
         return d
@@ -202,6 +208,7 @@ class FixResult:
     fp_value: float | None = None  # the metric at full precision (default: fp_ppl for "ppl")
     fp_details: dict = field(default_factory=dict)  # task metric: per-task FP accuracy
     skipped: list = field(default_factory=list)  # candidate plans not tried: {"label", "violations"}
+    cost: dict = field(default_factory=dict)  # PlanCost.to_dict() of the best plan
 
     def __post_init__(self):
         if self.fp_value is None and self.metric_name == "ppl":
@@ -231,7 +238,7 @@ class FixResult:
         d.update({
             "layers_total": self.total_layers, "layers_kept": self.best.kept, "layers_per_group": self.best.per_group,
             "plan": self.best.label, "trials": [t.to_dict() for t in self.trials],
-            "serve": self.config.profile.to_dict(), "skipped": list(self.skipped),
+            "serve": self.config.profile.to_dict(), "skipped": list(self.skipped), "cost": dict(self.cost),
         })
         if ppl:
             d["heldout"] = {"windows": self.config.eval_windows, "seqlen": self.config.eval_seqlen,
@@ -318,6 +325,8 @@ class Searcher:
         fuses = any(r.name == "fused-shards" for r in rules_for(self.profile))
         self.fused = model_fused_groups(model) if fuses else []
         self._group_of = {n: g for g in self.fused for n in g}
+        self.shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in self.names}  # (N, K), meta or not
+        self.gemm = GemmTable.load(config.gemm_table) if config.gemm_table else GemmTable.shipped()
         refuse(self.violations(Plan()), self.profile, f"the target {config.target}")  # before any work
         keep_ls = keep_scheme(self.target, config.keep)
         if not layer_servable(keep_ls, self.profile):
@@ -363,6 +372,11 @@ class Searcher:
     def violations(self, plan: Plan) -> list:
         """How ``plan`` breaks the serving profile (``serve.profiles.check_plan``; empty: it serves)."""
         return check_plan(self.recipe(plan), self.names, self.profile, fused=self.fused)
+
+    def cost_of(self, plan: Plan) -> PlanCost:
+        """The plan's estimated GEMM cost vs BF16 at ``cost_m`` tokens (``serve.cost``)."""
+        scheme = self.recipe(plan).scheme
+        return plan_cost({n: scheme.resolve(n) for n in self.names}, self.shapes, self.gemm, self.config.cost_m)
 
     def siblings(self, name: str) -> tuple[str, ...]:
         """``name`` and the shards the runtime fuses it with (just ``name`` where nothing is fused)."""
@@ -439,7 +453,11 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
         return t.value
 
     def better(a: Trial, b: Trial) -> bool:
-        return m.better(value(a), value(b))
+        """Better on the metric; on a tie, cheaper (estimated GEMM cost) when both costs are known."""
+        va, vb = value(a), value(b)
+        if va == vb and a.cost is not None and b.cost is not None:
+            return a.cost < b.cost
+        return m.better(va, vb)
 
     skipped: list[dict] = []
 
@@ -451,6 +469,7 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
             return None
         t = s.evaluate(plan)
         value(t)
+        t.cost = s.cost_of(plan).relative
         trials.append(t)
         bar.update(1)
         top = trials[0]
@@ -522,7 +541,8 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
     result = FixResult(config=config, fp_ppl=s.fp_ppl, naive=naive, best=best, met=meets(best), trials=trials,
                        recipe=recipe, evidence={n: e.to_dict() for n, e in s.evidence.items()},
                        total_layers=len(s.names), seconds=time.perf_counter() - t_start, metric=m.describe(),
-                       fp_value=fp_value, fp_details=dict(getattr(m, "fp_details", {}) or {}), skipped=skipped)
+                       fp_value=fp_value, fp_details=dict(getattr(m, "fp_details", {}) or {}), skipped=skipped,
+                       cost=s.cost_of(best.plan).to_dict())
     # what the search measured, without its wall time: the same search writes the same recipe
     recipe.metrics = {k: v for k, v in result.to_dict().items() if k not in ("trials", "seconds")}
     return result
