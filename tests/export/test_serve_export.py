@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import qdoctor
+from export.ct_reference import loader_semantics
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import perplexity
 from qdoctor.export import export_checkpoint
@@ -75,16 +76,33 @@ def test_humming_groups_are_pack_quantized_and_reload_exactly(tiny_llama_dir, tm
     assert again == pytest.approx(v["reloaded_ppl"], rel=1e-6)
     sim = recipe.perplexity(model, tok, windows)[0].ppl
     assert sim == pytest.approx(v["simulated_ppl"], rel=1e-9)
-    assert v["gap_pct"] == pytest.approx(gap_pct(again, sim), abs=1e-4) and abs(v["gap_pct"]) <= 0.3
+    # the loader's rule, derived apart (tests/export/ct_reference.py) on a model quantized in place
+    qdoctor.quantize(model, GROUP_W8A8, progress=False)
+    try:
+        with loader_semantics(model):
+            rule = perplexity(model, tok, windows=windows, progress=False).ppl
+    finally:
+        qdoctor.restore(model)
+    assert rule == pytest.approx(v["loader_rule_ppl"], rel=1e-6)
+    assert v["gap_pct"] == pytest.approx(gap_pct(again, rule), abs=1e-4) and abs(v["gap_pct"]) <= 0.3
+    assert v["rounding_gap_pct"] == pytest.approx(gap_pct(again, sim), abs=1e-4)
     saved = json.loads((out / "qdoctor_export.json").read_text())["report"]["verification"]
     assert saved["reloaded_ppl"] == v["reloaded_ppl"] and f"{v['reloaded_ppl']:.4f}" in (out / "README.md").read_text()
 
 
-def test_failed_verification_publishes_nothing(tiny_llama_dir, tmp_path):
+def test_failed_verification_publishes_nothing(tiny_llama_dir, tmp_path, monkeypatch):
+    import qdoctor.export.verify as verify
+
     model, tok = _load(tiny_llama_dir)
     recipe = qdoctor.policy.recipe.Recipe.of(qdoctor.quant.get_scheme("w8a8-channel-token"))
-    # tolerance 0: the loaders' dynamic-INT8 rounding (absmax/127.5 vs /127) alone is a gap
+    out = tmp_path / "v"
+    export_checkpoint(model, tok, out, recipe=recipe, progress=False)  # an older checkpoint at --out
+    before = sorted(p.name for p in out.iterdir())
+    # a checkpoint that reloads 1 % worse than the plan (as a broken export would)
+    real = verify.reloaded_ppl
+    monkeypatch.setattr(verify, "reloaded_ppl", lambda *a, **k: 1.01 * real(*a, **k))
     with pytest.raises(QDoctorError, match=r"export verification failed: reloaded checkpoint PPL .* nothing was written"):
-        export_checkpoint(model, tok, tmp_path / "v", recipe=recipe, verify=VerifySpec(_windows(tok, 1), 0.0),
+        export_checkpoint(model, tok, out, recipe=recipe, verify=VerifySpec(_windows(tok, 1)), overwrite=True,
                           progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["v"] and sorted(p.name for p in out.iterdir()) == before
+    assert "Verified" not in (out / "README.md").read_text()  # the old checkpoint, untouched

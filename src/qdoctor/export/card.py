@@ -89,10 +89,12 @@ def render_card(plan, report, card: dict | None = None, source: str = "") -> str
     v = report.verification
     if v and "skipped" not in v:
         measured = True
-        out += [f"Verified at export: this directory reloaded with transformers gives PPL {v['reloaded_ppl']:.4f} "
-                f"on {v['windows']} × {v['seqlen']} tokens of {v['text']}; qdoctor's simulation of the plan on the "
-                f"same windows gives {v['simulated_ppl']:.4f} ({v['gap_pct']:+.3f}%, limit ±{v['tolerance_pct']}%).",
-                ""]
+        out += [f"Verified at export on {v['windows']} × {v['seqlen']} tokens of {v['text']}:", "",
+                "| | PPL |", "|---|---|",
+                f"| this directory, reloaded with transformers | {v['reloaded_ppl']:.4f} |",
+                f"| qdoctor's simulation under the loader's rounding rule | {v['loader_rule_ppl']:.4f} "
+                f"({v['gap_pct']:+.3f}%, limit ±{v['tolerance_pct']}%) |",
+                f"| qdoctor's simulation, its own rounding (= vLLM's kernels) | {v['simulated_ppl']:.4f} |", ""]
     elif v:
         out += [f"Not verified at export: {v['skipped']}.", ""]
     metrics = card.get("metrics") or {}

@@ -107,8 +107,9 @@ class ExportReport:
             lines.append(f"  unquantized: {len(self.unquantized)} layer(s): {shown}{more}")
         if self.verification and "skipped" not in self.verification:
             v = self.verification
-            lines.append(f"  verified: reloaded PPL {v['reloaded_ppl']:.4f} vs simulated {v['simulated_ppl']:.4f} "
-                         f"({v['gap_pct']:+.3f}%, limit ±{v['tolerance_pct']}%)")
+            lines.append(f"  verified: reloaded PPL {v['reloaded_ppl']:.4f} vs simulated under the loader's rule "
+                         f"{v['loader_rule_ppl']:.4f} ({v['gap_pct']:+.3f}%, limit ±{v['tolerance_pct']}%); qdoctor's "
+                         f"own rounding {v['simulated_ppl']:.4f} ({v['rounding_gap_pct']:+.3f}%)")
         elif self.verification:
             lines.append(f"  not verified: {self.verification['skipped']}")
         lines += [f"  warning: {w}" for w in self.warnings]
