@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fix-windows", type=int, default=2, help="held-out windows scoring each plan")
     ap.add_argument("--fix-seqlen", type=int, default=1024, help="held-out window length")
     ap.add_argument("--no-scan", action="store_true", help="skip the scan (e.g. to time only the export)")
+    ap.add_argument("--cost-m", type=int, default=8192, help="tokens at which the plan's GEMM cost is estimated")
+    ap.add_argument("--gemm-table", default=None, help="bench/gemm.py --json output (default: the shipped table)")
     ap.add_argument("--export", action="store_true",
                     help="also export the model block by block: w8a8-channel-tensor-static with the scan's "
                          "statistics (with --no-scan: w8a8-channel-token, which needs none)")
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
         t2 = time.perf_counter()
         fcfg = FixConfig(calibration=CalibrationConfig(n_samples=args.fix_calib, seqlen=args.calib_seqlen,
                                                        seed=args.seed, sample_rows=512, holdout_fraction=0.2),
-                         eval_windows=args.fix_windows, eval_seqlen=args.fix_seqlen)
+                         eval_windows=args.fix_windows, eval_seqlen=args.fix_seqlen, cost_m=args.cost_m,
+                         gemm_table=args.gemm_table)
         searcher = Searcher(model, tok, fcfg, progress=world.is_main)
         t_setup = time.perf_counter() - t2
         result = search(model, tok, fcfg, progress=world.is_main, searcher=searcher)
@@ -161,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                       "trials": len(result.trials), "seconds_per_trial": round((fix_s - t_setup) / max(len(result.trials), 1), 1),
                       "plan": result.best.label, "layers_kept": result.best.kept,
                       "layers_per_group": result.best.per_group, "block_reads": model.qdoctor_lazy.loads,
-                      "fp_ppl": searcher.fp_ppl, "trial_ppls": [t.ppl for t in result.trials]}  # equal for any --nproc
+                      "fp_ppl": searcher.fp_ppl, "trial_ppls": [t.ppl for t in result.trials],  # equal for any --nproc
+                      "serve": fcfg.profile.describe(), "cost": result.cost}
         if cuda:
             out["fix"]["peak_gpu_gib"] = gib(torch.cuda.max_memory_allocated())
         out["fix"]["peak_host_rss_gib"] = round(peak_rss_mb() / 1024, 2)

@@ -39,6 +39,25 @@ def add_calib_args(p: argparse.ArgumentParser, samples: int = 64, seqlen: int = 
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
 
 
+def add_serve_args(p: argparse.ArgumentParser, what: str, default: str = "vllm") -> None:
+    """--serve/--gpu/--tp/--allow-optional-kernels: the runtime profile (``serve.profiles``)."""
+    p.add_argument("--serve", default=default, choices=["vllm", "transformers", "any"],
+                   help=f"runtime {what} (default {default}: where W8A8 checkpoints are deployed; "
+                        "transformers: anything compressed-tensors holds; any: no check)")
+    p.add_argument("--gpu", default="hopper", choices=["ampere", "ada", "hopper"],
+                   help="vLLM: the GPU generation (default hopper; FP8 W8A8 needs ada or hopper)")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="vLLM: tensor-parallel size (default 1; online Hadamard transforms need 1)")
+    p.add_argument("--allow-optional-kernels", action="store_true",
+                   help="vLLM: allow the optional Humming kernel (per-group INT8 W8A8, pack-quantized, "
+                        "dynamic activations), if your vLLM build has it")
+
+
+def serve_kwargs(args) -> dict:
+    return {"serve": args.serve, "gpu": args.gpu, "tp": args.tp,
+            "allow_optional_kernels": args.allow_optional_kernels}
+
+
 def add_ppl_args(p: argparse.ArgumentParser, limit: int | None = None, limit_help: str | None = None) -> None:
     p.add_argument("--seqlen", type=positive_int, default=2048, help="perplexity window (default 2048)")
     p.add_argument("--limit", type=positive_int, default=limit,

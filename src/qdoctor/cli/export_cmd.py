@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 
 from qdoctor.cli.common import (
     add_calib_args,
     add_model_args,
+    add_serve_args,
     add_stream_arg,
     CALIB_OPTIONS,
     calib_config,
@@ -16,6 +18,7 @@ from qdoctor.cli.common import (
     refuse_unused,
     require_parent,
     say,
+    serve_kwargs,
 )
 from qdoctor.errors import QDoctorError
 
@@ -38,8 +41,15 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint directory at --out")
     p.add_argument("--save-dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="dtype of the unquantized tensors (embeddings, norms, lm_head; default: the model's)")
+    add_serve_args(p, "the checkpoint must run on: a plan it cannot run is refused before anything is written")
     p.add_argument("--require-vllm", action="store_true",
-                   help="refuse plans vLLM has no kernel for (e.g. per-group INT8 weights with INT8 activations)")
+                   help="alias of --serve vllm (kept for old scripts)")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="reload the written checkpoint with transformers and compare its WikiText-2 test PPL with "
+                        "qdoctor's simulation on the same windows; a gap above 0.3%% fails the export and nothing "
+                        "is published (default on; skipped for --stream)")
+    p.add_argument("--verify-windows", type=positive_int, default=2,
+                   help="WikiText-2 test windows (of --ppl-seqlen tokens) for --verify (default 2, or --ppl-windows)")
     p.add_argument("--card", default=None,
                    help="JSON/YAML file with evidence and measurements for the model card (see docs/export.md)")
     p.add_argument("--ppl-windows", type=positive_int, default=None,
@@ -73,6 +83,7 @@ def run(args) -> int:
         refuse_unused(args, CALIB_OPTIONS, f"would be ignored: {plan.name} needs no calibration (dynamic "
                                            "activations or weight-only)")
     recipe = Recipe.of(plan, calib_config(args))
+    profile = _profile(args)
     card = _read_card(args.card) if args.card else {}
     t0 = time.perf_counter()
     model, tok = load_model(args)
@@ -88,10 +99,12 @@ def run(args) -> int:
         ppl[recipe.name] = _ppl(model, tok, args, recipe.name, recipe=recipe, stats=stats)
         ppl.update(_ppl_setup(args))
     card = _merge_card(card, plan, ppl, note)
-    say(f"exporting to {args.out}, one decoder block at a time …")
+    verify = _verify_spec(model, tok, args)
+    say(f"exporting to {args.out}, one decoder block at a time"
+        + (f", then reloading it to verify on {args.verify_windows or args.ppl_windows} test window(s)" if verify
+           else "") + " …")
     report = export_checkpoint(model, tok, args.out, recipe=recipe, stats=stats, overwrite=args.overwrite, card=card,
-                               dtype=args.save_dtype, require_vllm=args.require_vllm,
-                               max_shard_size=shard_size)
+                               dtype=args.save_dtype, max_shard_size=shard_size, serve=profile, verify=verify)
     for line in report.summary_lines():
         print(line)
     if args.json:
@@ -105,6 +118,33 @@ def run(args) -> int:
                                       "wall_seconds": round(time.perf_counter() - t0, 1)})
         say(f"wrote {args.json}")
     return 0
+
+
+def _profile(args):
+    """The serving profile to check against (``--serve any``: none), said before any work."""
+    from qdoctor.serve.profiles import ServeProfile
+
+    kw = serve_kwargs(args)
+    if args.require_vllm:
+        kw["serve"] = "vllm"
+    profile = ServeProfile(kw.pop("serve"), **kw)
+    say(f"serving profile: {profile.describe()} (--serve any: no check)")
+    return None if profile.runtime == "any" else profile
+
+
+def _verify_spec(model, tok, args):
+    """The --verify windows (the --ppl-windows ones when given), or None (--no-verify, or a
+    block-streamed model, which transformers cannot reload beside it)."""
+    from qdoctor.export.verify import VerifySpec
+    from qdoctor.models.streaming import block_source
+
+    if not args.verify:
+        return None
+    if not block_source(model).resident:
+        say("note: --verify skipped: a block-streamed model's checkpoint is not reloaded in memory beside it")
+        return None
+    windows = _windows(model, tok, args, args.ppl_windows or args.verify_windows)
+    return VerifySpec(windows=windows, text="wikitext2:test")
 
 
 def _read_plan(args):
@@ -132,13 +172,13 @@ def _ppl(model, tok, args, label: str, recipe=None, stats=None) -> float:
     return r.ppl
 
 
-def _windows(model, tok, args):
+def _windows(model, tok, args, n: int | None = None):
     from qdoctor.calib.text import text_source
     from qdoctor.eval.perplexity import token_windows
     from qdoctor.models.registry import bos_token_id
 
     return token_windows(tok, text_source("wikitext2:test"), args.ppl_seqlen,
-                         bos_token_id(model, tok))[: args.ppl_windows]
+                         bos_token_id(model, tok))[: n or args.ppl_windows]
 
 
 def _ppl_setup(args) -> dict:

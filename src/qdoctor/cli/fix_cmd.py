@@ -8,8 +8,19 @@ from __future__ import annotations
 import math
 import time
 
-from qdoctor.cli.common import add_calib_args, add_model_args, add_stream_arg, load_model, positive_int, read_recipe, \
-    refuse_unused, require_parent, say
+from qdoctor.cli.common import (
+    add_calib_args,
+    add_model_args,
+    add_serve_args,
+    add_stream_arg,
+    load_model,
+    positive_int,
+    read_recipe,
+    refuse_unused,
+    require_parent,
+    say,
+    serve_kwargs,
+)
 from qdoctor.errors import QDoctorError
 
 
@@ -91,6 +102,12 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=positive_int, default=2048, help="test window length (default 2048)")
     p.add_argument("--sample-rows", type=positive_int, default=512,
                    help="calibration token rows kept per layer for output errors and median ranges (default 512)")
+    add_serve_args(p, "the plan must run on (candidates it cannot run are never tried)")
+    p.add_argument("--cost-m", type=positive_int, default=2048,
+                   help="tokens per forward at which each plan's GEMM cost vs BF16 is estimated (default 2048)")
+    p.add_argument("--gemm-table", default=None,
+                   help="GEMM timings written by `python bench/gemm.py --json` (default: the table shipped with "
+                        "qdoctor, if one was measured)")
     add_calib_args(p)
     p.add_argument("--scan", default=None,
                    help="start from a saved scan (`qdoctor scan --json scan.json --for-fix`): its findings and "
@@ -137,13 +154,15 @@ def run(args) -> int:
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   source=args.calib_source, seed=args.seed,
                                                   sample_rows=args.sample_rows, holdout_fraction=0.2),
-                    metric=str(spec), gptq=GPTQConfig() if args.gptq else None, **task_kw)
+                    metric=str(spec), gptq=GPTQConfig() if args.gptq else None, **task_kw, **serve_kwargs(args),
+                    cost_m=args.cost_m, gemm_table=args.gemm_table)
     if spec.name == "tasks":  # a missing data file fails now, not after loading the model
         from qdoctor.eval.zeroshot import find_task_file
 
         for task in spec.tasks:
             find_task_file(task, args.task_data)
     saved = load_scan(args.scan, cfg) if args.scan else None  # a mismatch fails before the model is loaded
+    say(f"serving profile: {cfg.profile.describe()} — plans it cannot run are not tried (--serve any: no check)")
     t0 = time.perf_counter()
     model, tok = load_model(args)
     say(("searching (the saved scan's statistics and evidence" if saved else "searching (scan: calibration and "
@@ -159,6 +178,8 @@ def run(args) -> int:
         diagnosis = diagnose(start, searcher.evidence, result.naive, result.metric_name, cfg.weight_error_threshold,
                              cfg.spike_min_ratio, searcher.arch, model.config)
         print_diagnosis(diagnosis, args.start_from)
+    print_skipped(result)
+    say(f"estimated speed of the plan: {plan_cost_text(result)}")
     verification = verify(searcher, result, args)
     report = result.to_dict()
     if diagnosis is not None:
@@ -248,7 +269,7 @@ def print_trials(result) -> None:
                  f"FP mean acc {_acc(result.fp_value)}, budget −{result.config.budget_pct} points)")
         head = "mean acc"
     t = Table(title=title)
-    cols = ["plan", head, "Δ vs FP", *(tasks if len(tasks) > 1 else []), "kept", "per-group", "s"]
+    cols = ["plan", head, "Δ vs FP", *(tasks if len(tasks) > 1 else []), "kept", "per-group", "cost", "s"]
     for c in cols:
         t.add_column(c, justify="left" if c == "plan" else "right")
     for tr in result.trials:
@@ -259,8 +280,24 @@ def print_trials(result) -> None:
             cells = [_acc(tr.value), f"{tr.delta:+.2f} pts"]
             if len(tasks) > 1:
                 cells += [_acc(tr.details[k]) if k in tr.details else "—" for k in tasks]
-        t.add_row(tr.label + mark, *cells, str(tr.kept), str(tr.per_group), f"{tr.seconds:.0f}")
+        cost = "—" if tr.cost is None else f"{tr.cost:.2f}"  # GEMM time vs BF16 (serve.cost); — : no table
+        t.add_row(tr.label + mark, *cells, str(tr.kept), str(tr.per_group), cost, f"{tr.seconds:.0f}")
     Console(width=160 if len(tasks) > 1 else 120).print(t)
+
+
+def plan_cost_text(result) -> str:
+    c = result.cost or {}
+    if c.get("speedup_vs_bf16") is None:
+        return c.get("why") or "no GEMM table"
+    return (f"{c['speedup_vs_bf16']:.2f}× BF16 on the linear layers' GEMMs at M = {c['M']} "
+            f"(bench/gemm.py table; attention and the rest not counted)")
+
+
+def print_skipped(result) -> None:
+    """The candidates the serving profile ruled out, one line each."""
+    for sk in result.skipped:
+        say(f"not tried on {result.config.profile.describe()}: {sk['label']} — {sk['violations'][0]}"
+            + (f" (+{len(sk['violations']) - 1} more)" if len(sk["violations"]) > 1 else ""))
 
 
 def print_task_accuracy(result) -> None:

@@ -48,6 +48,7 @@ def render_card(plan, report, card: dict | None = None, source: str = "") -> str
     else:
         out += ["**vLLM:** every scheme in this checkpoint has a vLLM kernel (`vllm serve <this directory>`; "
                 "checked against vLLM's compressed-tensors rules, not run).", ""]
+    out += serving_lines(plan, report)
     out += [f"Weights: {report.weights_bytes / mb:.1f} MiB of safetensors, vs {report.fp32_bytes / mb:.1f} MiB "
             f"unquantized in fp32 and {report.bf16_bytes / mb:.1f} MiB in bf16.", ""]
 
@@ -85,6 +86,17 @@ def render_card(plan, report, card: dict | None = None, source: str = "") -> str
             delta = f"{100.0 * (v / base - 1.0):+.2f}%" if has_base else "—"
             out.append(f"| {k} | {v:.4f} | {delta} |")
         out.append("")
+    v = report.verification
+    if v and "skipped" not in v:
+        measured = True
+        out += [f"Verified at export on {v['windows']} × {v['seqlen']} tokens of {v['text']}:", "",
+                "| | PPL |", "|---|---|",
+                f"| this directory, reloaded with transformers | {v['reloaded_ppl']:.4f} |",
+                f"| qdoctor's simulation under the loader's rounding rule | {v['loader_rule_ppl']:.4f} "
+                f"({v['gap_pct']:+.3f}%, limit ±{v['tolerance_pct']}%) |",
+                f"| qdoctor's simulation, its own rounding (= vLLM's kernels) | {v['simulated_ppl']:.4f} |", ""]
+    elif v:
+        out += [f"Not verified at export: {v['skipped']}.", ""]
     metrics = card.get("metrics") or {}
     if metrics:
         measured = True
@@ -107,6 +119,30 @@ def render_card(plan, report, card: dict | None = None, source: str = "") -> str
     out += [f"- {n}" for n in card.get("notes") or []]
     out.append("")
     return "\n".join(out)
+
+
+def serving_lines(plan, report) -> list[str]:
+    """Which runtimes and GPUs serve the checkpoint, and the vLLM kernel each layer group needs
+    (``ExportReport.serving``, from ``serve.profiles``; checked against vLLM's rules, not run)."""
+    serving = report.serving or {}
+    per_gpu = serving.get("vllm") or {}
+    if not per_gpu:
+        return []
+    opts = serving.get("options") or {}
+    ok = [gpu for gpu, bad in per_gpu.items() if not bad]
+    out = ["## Serving", "",
+           "- transformers (with compressed-tensors): loads and runs every group (dequantized weights, "
+           "fake-quantized inputs).",
+           f"- vLLM (tensor parallelism {opts.get('tp', 1)}"
+           + (", optional Humming kernel" if opts.get("allow_optional_kernels") else "") + "): "
+           + (f"serves it on {', '.join(ok)}." if ok else "cannot serve it as planned on any GPU generation.")]
+    for gpu, bad in per_gpu.items():
+        if bad:
+            out += [f"  - not on {gpu}: {line}" for line in bad]
+    out += ["", "| group | vLLM kernel |", "|---|---|"]
+    out += [f"| {g.name} | {_cell(serving.get('kernels', {}).get(g.name, '—'))} |" for g in plan.groups]
+    out.append("")
+    return out
 
 
 def compact_names(names: list[str]) -> list[str]:

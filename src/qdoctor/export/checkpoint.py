@@ -48,12 +48,22 @@ from qdoctor.export.card import render_card
 from qdoctor.export.ctconfig import ExportPlan, dtype_name, plan_export, resolve_dtype
 from qdoctor.export.staging import check_out_dir, staged_dir
 from qdoctor.export.transforms import online_transforms, transform_config, transform_tensors
+from qdoctor.export.verify import Verification, VerifySpec, verify_checkpoint
 from qdoctor.models.registry import arch_for, get_blocks
 from qdoctor.models.streaming import materialized
 from qdoctor.quant.apply import layer_scheme_for, restore
 from qdoctor.quant.granularity import PerGroup
 from qdoctor.quant.linear import KEEP_TORCH_DTYPE, QuantLinear
 from qdoctor.quant.spec import LayerScheme
+from qdoctor.serve.profiles import (
+    GPU_CAPABILITY,
+    PlanView,
+    ServeProfile,
+    check_view,
+    model_fused_groups,
+    refuse,
+    vllm_kernel,
+)
 
 REPORT_FILE = "qdoctor_export.json"
 
@@ -69,6 +79,9 @@ class ExportReport:
     unquantized: dict[str, str]  # layer → why it is stored in floating point
     warnings: list[str] = field(default_factory=list)
     vllm_issues: list[str] = field(default_factory=list)
+    serve: dict | None = None  # the profile the plan was checked against (None: not checked)
+    serving: dict = field(default_factory=dict)  # vLLM per GPU: violations; kernel per group
+    verification: dict | None = None  # Verification.to_dict(), or {"skipped": why}
     files: dict[str, int] = field(default_factory=dict)  # file name → bytes
     total_bytes: int = 0
     weights_bytes: int = 0  # safetensors files only
@@ -93,13 +106,21 @@ class ExportReport:
             shown = ", ".join(f"{k} ({v})" for k, v in list(self.unquantized.items())[:6])
             more = " …" if len(self.unquantized) > 6 else ""
             lines.append(f"  unquantized: {len(self.unquantized)} layer(s): {shown}{more}")
+        if self.verification and "skipped" not in self.verification:
+            v = self.verification
+            lines.append(f"  verified: reloaded PPL {v['reloaded_ppl']:.4f} vs simulated under the loader's rule "
+                         f"{v['loader_rule_ppl']:.4f} ({v['gap_pct']:+.3f}%, limit ±{v['tolerance_pct']}%); qdoctor's "
+                         f"own rounding {v['simulated_ppl']:.4f} ({v['rounding_gap_pct']:+.3f}%)")
+        elif self.verification:
+            lines.append(f"  not verified: {self.verification['skipped']}")
         lines += [f"  warning: {w}" for w in self.warnings]
         return lines
 
 
 def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, overwrite: bool = False,
                       card: dict | None = None, dtype: "str | torch.dtype | None" = None, require_vllm: bool = False,
-                      max_shard_size: "int | str | None" = "2GB", progress: bool = True) -> ExportReport:
+                      max_shard_size: "int | str | None" = "2GB", progress: bool = True,
+                      serve: "ServeProfile | str | None" = None, verify: VerifySpec | None = None) -> ExportReport:
     """Write ``model`` with its plan to ``out_dir`` (see the module docstring).
 
     recipe: a ``policy.recipe.Recipe`` (or anything with ``scheme``, ``apply_block`` and
@@ -111,7 +132,16 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
     overwrite: replace an existing checkpoint directory (refused otherwise).
     card: evidence and measured numbers for the model card (``export.card``); printed as given.
     dtype: checkpoint dtype of unquantized tensors (fp32/bf16/fp16; default: the model's).
-    require_vllm: refuse plans that vLLM has no kernel for (per-group INT8 W8A8, …).
+    require_vllm: refuse plans that vLLM has no kernel for (per-group INT8 W8A8, …): the same as
+        ``serve="vllm"`` (kept as an alias).
+    serve: the runtime profile (``serve.profiles.ServeProfile`` or a runtime name) the plan must
+        run on: every violation is listed in one ``QDoctorError`` before anything is written, and
+        layer groups get the storage format that runtime's kernel reads (vLLM's optional Humming
+        kernel: ``pack-quantized``). None: no check (the report and card still say what vLLM runs).
+    verify: reload the written checkpoint with transformers and compare its perplexity on
+        ``verify.windows`` with qdoctor's simulation of the plan, in the staging directory before
+        it is published (``export.verify``); a gap above ``verify.tolerance_pct`` fails the export
+        and leaves nothing at ``out_dir``. Needs the model in memory (not block-streamed).
     max_shard_size: safetensors shard size, as ``save_pretrained`` takes it; None: one shard per
         decoder block plus one for the rest.
 
@@ -134,22 +164,37 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
             recipe.smoothing or any(ls is not None and ls.needs_calibration for ls in layers.values())):
         raise QDoctorError("this plan uses calibration statistics (static activation scales or smoothing): "
                            "calibrate first (qdoctor.calibrate) and pass stats=")
-    plan = plan_for_layers(model, layers, _model_dtype(model), dtype)
-    require_vllm_servable(plan, require_vllm)
+    profile = serving_profile(serve, require_vllm)
+    view = PlanView(layers, model_fused_groups(model), getattr(recipe, "rotation", None))
+    if profile is not None:
+        refuse(check_view(view, profile), profile)
+    plan = plan_for_layers(model, layers, _model_dtype(model), dtype, format_of=format_for(profile))
+    serving = serving_summary(view, plan, profile)
     rotation = getattr(recipe, "rotation", None)
     if rotation is not None and stats is not None:
         stats = recipe.statistics(model, tokenizer, stats)  # statistics of an unrotated model: recalibrated
     qstats = recipe.quantization_stats(model, tokenizer, stats) if recipe is not None else None
     # GPTQ's weights (the codes exported), from its own pass over the calibration windows
     gptq = recipe.gptq_weights(model, tokenizer, stats, qstats, progress=progress) if recipe is not None else None
-    with recipe.rotated(model) if rotation is not None else nullcontext() as notes:
-        plan.warnings.extend(notes or [])
-        return _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, gptq, layers, plan, overwrite,
-                                 card, max_shard_size, progress, t0)
+    with staged_dir(out_dir, overwrite) as tmp:
+        with recipe.rotated(model) if rotation is not None else nullcontext() as notes:
+            plan.warnings.extend(notes or [])
+            _write_checkpoint(model, tokenizer, tmp, recipe, stats, qstats, gptq, layers, plan, max_shard_size,
+                              progress)
+        # the rotation undone: verification simulates the plan on the model as it was given
+        checked = None
+        if verify is not None:
+            checked = verify_checkpoint(tmp, model, tokenizer, verify, recipe, stats, _model_dtype(model))
+            if not checked.ok:
+                raise QDoctorError(f"export verification failed: {checked.line()}; nothing was written to {out_dir}")
+        report = write_report(model, plan, tmp, out_dir, card, t0, serving=serving, profile=profile,
+                              verification=checked)
+    return report
 
 
-def _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, gptq, layers, plan, overwrite, card,
-                      max_shard_size, progress, t0) -> ExportReport:
+def _write_checkpoint(model, tokenizer, tmp, recipe, stats, qstats, gptq, layers, plan, max_shard_size,
+                      progress) -> None:
+    """Write the checkpoint's files into the staging folder ``tmp``."""
     config = copy.deepcopy(model.config)
     config.dtype = plan.dtype
     _untie_quantized(model, config, layers, plan)
@@ -158,34 +203,65 @@ def _write_checkpoint(model, tokenizer, out_dir, recipe, stats, qstats, gptq, la
     group_of = plan.group_of()
     prefix = arch_for(model).blocks + "."
     online = {}  # layer → its online input transform (R4), written as a transform_config
-    with staged_dir(out_dir, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_size)
-        for i in tqdm(range(len(get_blocks(model))), desc="exporting", unit="block", disable=not progress,
-                      leave=False):
-            with materialized(model, i, transient=recipe is not None) as block:
-                if recipe is not None:
-                    recipe.apply_block(model, i, block, stats, qstats, gptq=gptq)
-                block_online = online_transforms(block, f"{prefix}{i}.")
-                online.update(block_online)
-                writer.add(_saved_names(model, {**module_tensors(block, f"{prefix}{i}.", group_of, plan.dtype),
-                                                **transform_tensors(block_online, plan.dtype)}))
-            if max_shard_size is None:
-                writer.flush()
-        head = recipe.apply_rest(model, stats) if recipe is not None else None
-        try:
-            writer.add(_saved_names(model, rest_tensors(model, prefix, group_of, plan.dtype)))
-        finally:
-            if head is not None:
-                restore(model)
-        writer.close()
-        config.save_pretrained(tmp)
-        _compressor(plan, transform_config(online)).update_config(str(tmp))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        report = write_report(model, plan, tmp, out_dir, card, t0)
-    return report
+    writer = ShardWriter(tmp, max_shard_size)
+    for i in tqdm(range(len(get_blocks(model))), desc="exporting", unit="block", disable=not progress,
+                  leave=False):
+        with materialized(model, i, transient=recipe is not None) as block:
+            if recipe is not None:
+                recipe.apply_block(model, i, block, stats, qstats, gptq=gptq)
+            block_online = online_transforms(block, f"{prefix}{i}.")
+            online.update(block_online)
+            writer.add(_saved_names(model, {**module_tensors(block, f"{prefix}{i}.", group_of, plan.dtype),
+                                            **transform_tensors(block_online, plan.dtype)}))
+        if max_shard_size is None:
+            writer.flush()
+    head = recipe.apply_rest(model, stats) if recipe is not None else None
+    try:
+        writer.add(_saved_names(model, rest_tensors(model, prefix, group_of, plan.dtype)))
+    finally:
+        if head is not None:
+            restore(model)
+    writer.close()
+    config.save_pretrained(tmp)
+    _compressor(plan, transform_config(online)).update_config(str(tmp))
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+
+def serving_profile(serve: "ServeProfile | str | None", require_vllm: bool = False) -> ServeProfile | None:
+    """The profile to check against: ``serve`` (a name → its default options), ``vllm`` for
+    ``require_vllm``, None for no check."""
+    if isinstance(serve, str):
+        serve = ServeProfile(serve)
+    if serve is None and require_vllm:
+        serve = ServeProfile("vllm")
+    return serve
+
+
+def format_for(profile: ServeProfile | None):
+    """``LayerScheme → format | None``: the storage format ``profile``'s kernel needs (vLLM's
+    Humming kernel reads ``pack-quantized``); None where the inferred one serves."""
+    if profile is None or profile.runtime != "vllm":
+        return None
+    return lambda ls: vllm_kernel(ls, profile).format
+
+
+def serving_summary(view: PlanView, plan: ExportPlan, profile: ServeProfile | None) -> dict:
+    """What vLLM makes of the checkpoint: violations per GPU generation (at the profile's tp and
+    kernel options) and the vLLM kernel of each config group."""
+    opts = profile if profile is not None and profile.runtime == "vllm" else ServeProfile("vllm")
+    per_gpu = {gpu: [v.line() for v in check_view(view, ServeProfile("vllm", gpu, opts.tp,
+                                                                      opts.allow_optional_kernels))]
+               for gpu in GPU_CAPABILITY}
+    kernels = {}
+    for g in plan.groups:
+        k = vllm_kernel(g.scheme, opts)
+        kernels[g.name] = k.kernel or f"none ({k.why_not})"
+    return {"vllm": per_gpu, "options": {"tp": opts.tp, "allow_optional_kernels": opts.allow_optional_kernels},
+            "kernels": kernels}
+
 
 
 def planned_layers(model: nn.Module, scheme=None) -> "OrderedDict[str, LayerScheme | None]":
@@ -208,22 +284,19 @@ def planned_layers(model: nn.Module, scheme=None) -> "OrderedDict[str, LayerSche
     return out
 
 
-def require_vllm_servable(plan: ExportPlan, require_vllm: bool) -> list[str]:
-    """The plan's vLLM issues; with ``require_vllm`` any issue is an error."""
-    issues = plan.vllm_issues()
-    if require_vllm and issues:
-        more = f" (+{len(issues) - 1} more)" if len(issues) > 1 else ""
-        raise QDoctorError(f"vLLM cannot serve this plan: {issues[0]}{more}")
-    return issues
-
-
-def write_report(model, plan: ExportPlan, tmp: Path, out_dir, card: dict | None, t0: float) -> ExportReport:
+def write_report(model, plan: ExportPlan, tmp: Path, out_dir, card: dict | None, t0: float,
+                 serving: dict | None = None, profile: ServeProfile | None = None,
+                 verification: Verification | None = None) -> ExportReport:
     """The export report of the checkpoint staged in ``tmp``; writes the model card (README.md)
     and the provenance file beside the weights."""
     report = ExportReport(
         out_dir=str(Path(out_dir).expanduser()), format=str(plan.config.format),
         checkpoint_dtype=dtype_name(plan.dtype), groups=[g.to_dict() for g in plan.groups],
-        unquantized=dict(plan.unquantized), warnings=list(plan.warnings), vllm_issues=plan.vllm_issues())
+        unquantized=dict(plan.unquantized), warnings=list(plan.warnings), vllm_issues=plan.vllm_issues(),
+        serve=profile.to_dict() if profile is not None else None, serving=dict(serving or {}),
+        verification=verification.to_dict() if verification is not None else None)
+    if serving and profile is not None and profile.runtime == "vllm":
+        report.vllm_issues = list(serving["vllm"][profile.gpu])  # the profile's own verdict
     fp_numel = _unique_numel(model)
     report.fp32_bytes, report.bf16_bytes = 4 * fp_numel, 2 * fp_numel
     report.weights_bytes = sum(p.stat().st_size for p in tmp.glob("*.safetensors"))
@@ -240,7 +313,7 @@ def write_report(model, plan: ExportPlan, tmp: Path, out_dir, card: dict | None,
 
 
 def plan_for_layers(model: nn.Module, layers: "OrderedDict[str, LayerScheme | None]", model_dtype: torch.dtype,
-                    dtype=None) -> ExportPlan:
+                    dtype=None, format_of=None) -> ExportPlan:
     """The export plan of ``layers`` (every linear-like layer → its ``LayerScheme`` or None) of
     ``model``, whose unquantized tensors are in ``model_dtype``."""
     ckpt_dtype = resolve_dtype(dtype) if dtype is not None else model_dtype
@@ -258,7 +331,7 @@ def plan_for_layers(model: nn.Module, layers: "OrderedDict[str, LayerScheme | No
     # (vLLM matches checkpoint names; transformers never quantizes a layer no target selects).
     layers = OrderedDict((renamed.get(n, n), ls) for n, ls in layers.items())
     reasons = {n: "ignored by the scheme" for n, ls in layers.items() if ls is None}
-    plan = plan_export(layers, reasons, ckpt_dtype, class_target_ok=class_ok)
+    plan = plan_export(layers, reasons, ckpt_dtype, class_target_ok=class_ok, format_of=format_of)
     if ckpt_dtype != torch.float32:
         plan.warnings.append(f"in a {dtype_name(ckpt_dtype)} checkpoint transformers casts the fp32 scales to "
                              f"{dtype_name(ckpt_dtype)} on load (its scale parameters take the model dtype); "

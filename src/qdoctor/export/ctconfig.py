@@ -43,10 +43,7 @@ import torch
 from qdoctor.errors import QDoctorError
 from qdoctor.quant.granularity import PerChannel, PerGroup, PerTensor, PerToken
 from qdoctor.quant.spec import LayerScheme, QuantSpec
-
-# vLLM fuses these shards into one GEMM (``packed_modules_mapping`` of its LLaMA-like models);
-# every shard of one fused layer must then share a scheme, or all be ignored.
-FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+from qdoctor.serve.profiles import FUSED_SHARDS, ServeProfile, vllm_kernel
 
 _STRATEGY = {PerTensor: "tensor", PerChannel: "channel", PerToken: "token", PerGroup: "group"}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -75,7 +72,7 @@ def quantization_args(spec: QuantSpec, *, weights: bool):
         raise QDoctorError(f"compressed-tensors cannot express {spec.to_dict()}: {_first_line(e)}") from None
 
 
-def quantization_scheme(ls: LayerScheme, targets: list[str]):
+def quantization_scheme(ls: LayerScheme, targets: list[str], format: str | None = None):
     """The ``QuantizationScheme`` of a quantized ``LayerScheme``, with its storage format set the
     way compressed-tensors infers it (int-quantized, float-quantized, pack-quantized or naive-quantized)."""
     from compressed_tensors.compressors.format import infer_module_format
@@ -89,38 +86,15 @@ def quantization_scheme(ls: LayerScheme, targets: list[str]):
             input_activations=quantization_args(ls.activations, weights=False) if ls.activations else None)
     except ValueError as e:
         raise QDoctorError(f"compressed-tensors cannot express {ls.describe()}: {_first_line(e)}") from None
-    scheme.format = infer_module_format(torch.nn.Linear, scheme)
+    # ``format``: a runtime's need over the inferred one (vLLM's Humming kernel reads pack-quantized INT8 W8A8)
+    scheme.format = format or infer_module_format(torch.nn.Linear, scheme)
     return scheme
 
 
-def vllm_issue(ls: LayerScheme) -> str | None:
-    """Why vLLM has no kernel for a layer scheme; None when it has one.
-
-    Rules from vLLM's ``CompressedTensorsConfig._get_scheme_from_parts`` (read in its source,
-    not run here): INT8 W8A8 needs tensor/channel weights with static per-tensor or dynamic
-    per-token activations; FP8 W8A8 needs tensor/channel (or 128×128 block) weights with
-    dynamic or static per-tensor activations; weight-only INT8 runs through the WNA16 (Marlin)
-    path, which takes channel or group weights; weight-only FP8 takes tensor/channel weights."""
-    if not ls.is_quantized:
-        return None
-    w, a = ls.weights, ls.activations
-    wg = w.granularity
-    if w.dtype == "int8":
-        if a is None:
-            return None if isinstance(wg, (PerChannel, PerGroup)) else \
-                "weight-only INT8 needs per-channel or per-group weights (WNA16 kernels)"
-        if not isinstance(wg, (PerTensor, PerChannel)):
-            return "INT8 W8A8 kernels take per-tensor or per-channel weight scales, not per-group"
-        if isinstance(a.granularity, PerToken) and a.dynamic:
-            return None
-        if isinstance(a.granularity, PerTensor) and not a.dynamic:
-            return None
-        return "INT8 W8A8 kernels take static per-tensor or dynamic per-token activations only"
-    if not isinstance(wg, (PerTensor, PerChannel)):
-        return "FP8 kernels take per-tensor, per-channel or 128x128-block weight scales, not per-group"
-    if a is not None and isinstance(a.granularity, PerGroup):
-        return "FP8 per-group (1x128) activation scales are only paired with 128x128 block weights"
-    return None
+def vllm_issue(ls: LayerScheme, profile: ServeProfile | None = None) -> str | None:
+    """Why vLLM has no kernel for a layer scheme under ``profile`` (default: Hopper, tp 1, no
+    optional kernels); None when it has one. The rules are ``serve.profiles.RULES``."""
+    return vllm_kernel(ls, profile or ServeProfile()).why_not or None
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -201,7 +175,8 @@ class ExportPlan:
 
 
 def plan_export(layers: "OrderedDict[str, LayerScheme | None]", ignored_reason: dict[str, str] | None = None,
-                checkpoint_dtype: torch.dtype = torch.float32, class_target_ok: bool = True) -> ExportPlan:
+                checkpoint_dtype: torch.dtype = torch.float32, class_target_ok: bool = True,
+                format_of=None) -> ExportPlan:
     """Build the config for the model's linear layers.
 
     layers: every linear-like layer in module order → its applied ``LayerScheme`` (None: left
@@ -209,6 +184,8 @@ def plan_export(layers: "OrderedDict[str, LayerScheme | None]", ignored_reason: 
     ignored_reason: optional reason per untouched layer (default "not quantized by the scheme").
     class_target_ok: allow ``targets: ["Linear"]`` for a single group (False for models whose
         matmul weights are not all linear layers, e.g. fused MoE experts).
+    format_of: optional ``LayerScheme -> format | None``: the storage format a runtime needs for a
+        group when it is not the one compressed-tensors infers (``serve.profiles.vllm_kernel``).
     """
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -233,7 +210,8 @@ def plan_export(layers: "OrderedDict[str, LayerScheme | None]", ignored_reason: 
     groups = []
     for i, (ls, names) in enumerate(by_scheme.items()):
         targets = ["Linear"] if single else compact_targets(names, universe)
-        groups.append(ExportGroup(f"group_{i}", ls, names, targets, quantization_scheme(ls, targets)))
+        fmt = format_of(ls) if format_of is not None else None
+        groups.append(ExportGroup(f"group_{i}", ls, names, targets, quantization_scheme(ls, targets, fmt)))
     formats = {g.format for g in groups}
     config = QuantizationConfig(
         config_groups={g.name: g.ct_scheme for g in groups},

@@ -18,6 +18,14 @@ INT8 path. The search therefore tries, on top of the best plan so far:
    layers are out of the default;
 5. prune — drop kept layers (least spiky first) that the budget does not need.
 
+Serving (``FixConfig.serve``, default ``vllm``; ``serve.profiles``): a candidate the runtime
+profile cannot run is never tried (it is listed in ``FixResult.skipped`` with its violations);
+where the runtime fuses layers (vLLM's q/k/v → qkv_proj, gate/up → gate_up_proj) a fused group
+moves together — an override of one shard is given to its siblings, and every layer counts against
+``max_layer_fraction``. Where per-group weights do not run (vLLM without the optional Humming
+kernel, or with static activations), stage 2 tries FP8 for the outlier layers instead (W8A8-FP8,
+on a GPU that runs it; BF16 where it does not) besides bi-smoothing.
+
 Every plan is scored by the search metric (``FixConfig.metric``, ``policy/metric.py``):
 
 - ``ppl`` (default): perplexity on held-out text, the last ``holdout_fraction`` of the
@@ -55,6 +63,8 @@ from qdoctor.quant.spec import LayerScheme, QuantSpec, Scheme, get_scheme
 from qdoctor.scan.config import FIX_SPIKE_MIN_RATIO, ScanConfig, Thresholds
 from qdoctor.scan.run import scan_with_stats
 from qdoctor.transforms.rotation import RotationStep
+from qdoctor.serve.cost import GemmTable, PlanCost, plan_cost
+from qdoctor.serve.profiles import ServeProfile, check_plan, layer_servable, model_fused_groups, refuse, rules_for
 from qdoctor.transforms.smoothing import SmoothingStep
 
 TARGET_ALIASES = {"w8a8-tensor-static": "w8a8-tensor-tensor-static", "w8a8-channel-static": "w8a8-channel-tensor-static",
@@ -85,8 +95,15 @@ class FixConfig:
     task_data: str | None = None  # task metric: folder with <task>.jsonl[.gz] instead of the shipped data
     metric_batch_size: int = 16  # task metric: requests per forward
     gptq: GPTQConfig | None = None  # a GPTQ candidate step (3b) with this config; None: not tried
+    serve: str = "vllm"  # runtime profile the plan must run on (serve.profiles): vllm | transformers | any
+    gpu: str = "hopper"  # vllm: ampere | ada | hopper (FP8 W8A8 needs ada/hopper)
+    tp: int = 1  # vllm: tensor parallelism (online Hadamard needs tp 1)
+    allow_optional_kernels: bool = False  # vllm: the optional Humming kernel (per-group INT8 W8A8)
+    cost_m: int = 2048  # tokens per forward at which plan costs are estimated (serve.cost)
+    gemm_table: str | None = None  # bench/gemm.py JSON; None: the one shipped with qdoctor, if any
 
     def __post_init__(self):
+        self.profile  # unknown runtime / GPU / bad tp → QDoctorError
         spec = self.metric_spec  # bad syntax / unknown task → QDoctorError
         if self.budget_pct < 0:
             raise QDoctorError("the budget must be ≥ 0%" if spec.name == "ppl" else "the budget must be ≥ 0 points")
@@ -98,6 +115,8 @@ class FixConfig:
             raise QDoctorError("max_layer_fraction must be in [0, 1]")
         if self.keep not in ("bf16", "fp16", "fp8"):
             raise QDoctorError(f"--keep must be bf16, fp16 or fp8, got {self.keep!r}")
+        if not isinstance(self.cost_m, int) or isinstance(self.cost_m, bool) or self.cost_m < 1:
+            raise QDoctorError(f"--cost-m must be a positive integer, got {self.cost_m!r}")
         if self.calibration.holdout_fraction <= 0:
             raise QDoctorError("the search needs held-out text: calibration.holdout_fraction > 0")
 
@@ -107,6 +126,10 @@ class FixConfig:
         errors only (the search reads no activation error). A full scan serves as well."""
         return ScanConfig(calibration=self.calibration, thresholds=Thresholds(weight_error=self.weight_error_threshold),
                           group_size=self.group_size, activation_errors=False, progress=progress)
+
+    @property
+    def profile(self) -> ServeProfile:
+        return ServeProfile(self.serve, self.gpu, self.tp, self.allow_optional_kernels)
 
     @property
     def metric_spec(self) -> MetricSpec:
@@ -158,6 +181,7 @@ class Trial:
     value: float | None = None
     delta: float | None = None
     details: dict = field(default_factory=dict)
+    cost: float | None = None  # estimated GEMM time relative to BF16 at FixConfig.cost_m (serve.cost)
 
     def __post_init__(self):
         if self.metric == "ppl":
@@ -169,7 +193,7 @@ class Trial:
     def to_dict(self) -> dict:
         d = {"label": self.label, "ppl": self.ppl, "delta_pct": self.delta_pct, "kept": self.kept,
              "per_group": self.per_group, "seconds": round(self.seconds, 1), "metric": self.metric,
-             "value": self.value, "delta": self.delta}
+             "value": self.value, "delta": self.delta, "cost": self.cost}
         if self.details:
             d["details"] = dict(self.details)
         return d
@@ -190,6 +214,8 @@ class FixResult:
     metric: dict = field(default_factory=lambda: {"name": "ppl"})  # Metric.describe() of the search metric
     fp_value: float | None = None  # the metric at full precision (default: fp_ppl for "ppl")
     fp_details: dict = field(default_factory=dict)  # task metric: per-task FP accuracy
+    skipped: list = field(default_factory=list)  # candidate plans not tried: {"label", "violations"}
+    cost: dict = field(default_factory=dict)  # PlanCost.to_dict() of the best plan
 
     def __post_init__(self):
         if self.fp_value is None and self.metric_name == "ppl":
@@ -219,6 +245,7 @@ class FixResult:
         d.update({
             "layers_total": self.total_layers, "layers_kept": self.best.kept, "layers_per_group": self.best.per_group,
             "plan": self.best.label, "trials": [t.to_dict() for t in self.trials],
+            "serve": self.config.profile.to_dict(), "skipped": list(self.skipped), "cost": dict(self.cost),
         })
         if ppl:
             d["heldout"] = {"windows": self.config.eval_windows, "seqlen": self.config.eval_seqlen,
@@ -303,6 +330,18 @@ class Searcher:
                              "; --stream searches with the perplexity metric only (--metric ppl)")
         self.arch = arch_for(model)
         self.names = block_linear_names(model, self.arch)
+        self.profile = config.profile
+        # fused shards move together where the runtime fuses them (vLLM's qkv_proj / gate_up_proj)
+        fuses = any(r.name == "fused-shards" for r in rules_for(self.profile))
+        self.fused = model_fused_groups(model) if fuses else []
+        self._group_of = {n: g for g in self.fused for n in g}
+        self.shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in self.names}  # (N, K), meta or not
+        self.gemm = GemmTable.load(config.gemm_table) if config.gemm_table else GemmTable.shipped()
+        refuse(self.violations(Plan()), self.profile, f"the target {config.target}")  # before any work
+        keep_ls = keep_scheme(self.target, config.keep)
+        if not layer_servable(keep_ls, self.profile):
+            raise QDoctorError(f"--keep {config.keep} ({keep_ls.describe()}) does not run on {self.profile.describe()}; "
+                               "use --keep bf16")
         if scan is None:
             scan = scan_with_stats(model, tokenizer, config.scan_config(progress))
         self.scan, self.stats = check_scan_matches(scan, config)
@@ -340,6 +379,38 @@ class Searcher:
         if key not in self._fp_cache:
             self._fp_cache[key] = perplexity(self.model, self.tok, windows=windows, progress=False).ppl
         return self._fp_cache[key]
+
+    def violations(self, plan: Plan) -> list:
+        """How ``plan`` breaks the serving profile (``serve.profiles.check_plan``; empty: it serves)."""
+        return check_plan(self.recipe(plan), self.names, self.profile, fused=self.fused)
+
+    def cost_of(self, plan: Plan) -> PlanCost:
+        """The plan's estimated GEMM cost vs BF16 at ``cost_m`` tokens (``serve.cost``)."""
+        scheme = self.recipe(plan).scheme
+        return plan_cost({n: scheme.resolve(n) for n in self.names}, self.shapes, self.gemm, self.config.cost_m)
+
+    def siblings(self, name: str) -> tuple[str, ...]:
+        """``name`` and the shards the runtime fuses it with (just ``name`` where nothing is fused)."""
+        return self._group_of.get(name, (name,))
+
+    def whole_groups(self, names: list[str], max_layers: int) -> list[str]:
+        """``names`` with their fused siblings, in rank order, as many whole groups as fit ``max_layers``."""
+        out: list[str] = []
+        for n in names:
+            group = [m for m in self.siblings(n) if m not in out]
+            if group and len(out) + len(group) <= max_layers:
+                out += group
+        return out
+
+    def group_overrides(self, names: list[str]) -> dict[str, LayerScheme]:
+        """Per-group weights for ``names``: each fused group takes the finest group size any of its
+        members needs (one scheme per fused GEMM); members below the threshold follow their group."""
+        sizes = {n: self.evidence[n].needed_group_size(self.config.weight_error_threshold) for n in names}
+        out = {}
+        for n in names:
+            need = [sizes[m] for m in self.siblings(n) if sizes.get(m) is not None]
+            out[n] = group_scheme(self.target, min(need) if need else self.group_size(n))
+        return out
 
     def recipe(self, plan: Plan) -> Recipe:
         scheme = self.target.with_overrides(plan.overrides, name=f"{self.target.name}+{plan.label}")
@@ -408,11 +479,23 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
         return t.value
 
     def better(a: Trial, b: Trial) -> bool:
-        return m.better(value(a), value(b))
+        """Better on the metric; on a tie, cheaper (estimated GEMM cost) when both costs are known."""
+        va, vb = value(a), value(b)
+        if va == vb and a.cost is not None and b.cost is not None:
+            return a.cost < b.cost
+        return m.better(va, vb)
 
-    def run(plan: Plan) -> Trial:
+    skipped: list[dict] = []
+
+    def run(plan: Plan) -> Trial | None:
+        """Score ``plan``; None (and a note in ``skipped``) when the serving profile cannot run it."""
+        bad = s.violations(plan)
+        if bad:
+            skipped.append({"label": plan.label, "violations": [v.line() for v in bad]})
+            return None
         t = s.evaluate(plan)
         value(t)
+        t.cost = s.cost_of(plan).relative
         trials.append(t)
         bar.update(1)
         top = trials[0]
@@ -424,16 +507,25 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
     def meets(t: Trial) -> bool:
         return m.within_budget(value(t), fp_value, budget)
 
+    siblings = s.siblings
     naive = best = run(Plan())
-    # 2. weight outliers
+    # 2. weight outliers: per-group, or — where the runtime has no per-group kernel — FP8 (BF16 where
+    # FP8 does not run) for those layers; bi-smoothing either way. Fused siblings move together.
     outliers = cap(rank_weight_outliers(s.evidence, config.weight_error_threshold), len(s.names),
                    config.max_layer_fraction)
+    grouped = s.whole_groups(outliers, max_layers)
     if outliers and not meets(best):
-        g = {n: group_scheme(s.target, s.group_size(n)) for n in outliers}
-        mixed = run(best.plan.extend("mixed-granularity", overrides=g))
-        bis = run(best.plan.extend("bi-smoothing", smoothing=[SmoothingStep("bismooth-max", 0.5, tuple(outliers))]))
-        for t in (mixed, bis):  # the first of equals wins, as min()
-            if better(t, best):
+        g = s.group_overrides(grouped)
+        cands = [run(best.plan.extend("mixed-granularity", overrides=g))]
+        if cands[0] is None and grouped:
+            fp8 = keep_scheme(s.target, "fp8")
+            keep = "fp8" if layer_servable(fp8, config.profile) else "bf16"
+            ls = fp8 if keep == "fp8" else LayerScheme(keep="bf16")
+            cands.append(run(best.plan.extend(f"outliers-{keep}", overrides=dict.fromkeys(grouped, ls))))
+        cands.append(run(best.plan.extend("bi-smoothing",
+                                          smoothing=[SmoothingStep("bismooth-max", 0.5, tuple(outliers))])))
+        for t in cands:  # the first of equals wins, as min()
+            if t is not None and better(t, best):
                 best = t
     # 3. SmoothQuant for the activations
     if not meets(best):
@@ -441,31 +533,39 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
         for alpha in config.alphas:
             t = run(base.plan.extend(f"{base.plan.label}+smoothquant-{alpha}",
                                      smoothing=[SmoothingStep("smoothquant", alpha)]))
-            if better(t, best):
+            if t is not None and better(t, best):
                 best = t
     # 3b. GPTQ weight rounding (opt-in)
     if config.gptq is not None and not meets(best):
         t = run(best.plan.extend(f"{best.plan.label}+gptq", gptq=config.gptq))
         if better(t, best):
             best = t
-    # 4. keep the spikiest layers
+    # 4. keep the spikiest layers (with their fused siblings), while whole groups fit the layer budget
     budget_left = max_layers - len(best.plan.per_group())
     spikes = [n for n in rank_spikes(s.evidence, config.spike_min_ratio) if n not in best.plan.overrides]
     keep_ls = keep_scheme(s.target, config.keep)
     for name in spikes:
-        if meets(best) or len(best.plan.kept()) >= budget_left:
+        if meets(best):
             break
-        t = run(best.plan.extend(f"{_base_label(best.plan.label)}+keep{len(best.plan.kept()) + 1}-{config.keep}",
-                                 overrides={name: keep_ls}))
-        if better(t, best):
+        group = [n for n in siblings(name) if not (n in best.plan.overrides and best.plan.overrides[n] == keep_ls)]
+        if not group or name in best.plan.kept():
+            continue
+        if len(best.plan.kept()) + len(group) > budget_left:
+            continue
+        label = f"{_base_label(best.plan.label)}+keep{len(best.plan.kept()) + len(group)}-{config.keep}"
+        t = run(best.plan.extend(label, overrides=dict.fromkeys(group, keep_ls)))
+        if t is not None and better(t, best):
             best = t
-    # 5. prune kept layers the budget does not need (least spiky first)
+    # 5. prune kept layers the budget does not need (least spiky group first), a fused group at once
     if meets(best) and best.plan.kept():
-        for name in sorted(best.plan.kept(), key=lambda n: s.evidence[n].spike_ratio):
-            o = {k: v for k, v in best.plan.overrides.items() if k != name}
+        groups = list(dict.fromkeys(tuple(siblings(n)) for n in best.plan.kept()))
+        for group in sorted(groups, key=lambda g: max(s.evidence[n].spike_ratio for n in g)):
+            if not all(n in best.plan.kept() for n in group if n in best.plan.overrides):
+                continue
+            o = {k: v for k, v in best.plan.overrides.items() if k not in group}
             t = run(Plan(best.plan.smoothing, o, f"{_base_label(best.plan.label)}+keep{len(o)}-{config.keep}",
-                         best.plan.gptq))
-            if meets(t):
+                         best.plan.rotation, best.plan.gptq))
+            if t is not None and meets(t):
                 best = t
     bar.close()
     recipe = s.recipe(best.plan)
@@ -473,7 +573,8 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
     result = FixResult(config=config, fp_ppl=s.fp_ppl, naive=naive, best=best, met=meets(best), trials=trials,
                        recipe=recipe, evidence={n: e.to_dict() for n, e in s.evidence.items()},
                        total_layers=len(s.names), seconds=time.perf_counter() - t_start, metric=m.describe(),
-                       fp_value=fp_value, fp_details=dict(getattr(m, "fp_details", {}) or {}))
+                       fp_value=fp_value, fp_details=dict(getattr(m, "fp_details", {}) or {}), skipped=skipped,
+                       cost=s.cost_of(best.plan).to_dict())
     # what the search measured, without its wall time: the same search writes the same recipe
     recipe.metrics = {k: v for k, v in result.to_dict().items() if k not in ("trials", "seconds")}
     return result

@@ -1,0 +1,1 @@
+"""Serving: runtime profiles (what vLLM / transformers run) and the inference-cost model."""
