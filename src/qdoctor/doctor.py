@@ -163,6 +163,7 @@ class DoctorResult:
     steps: list[PlanStep] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=lambda: dict(FILES))
     phases: dict[str, float] = field(default_factory=dict)  # phase → wall seconds
+    cpu_seconds: dict[str, float] = field(default_factory=dict)  # phase → process CPU seconds (all threads)
     peak_rss_mb: float = 0.0
 
     @property
@@ -182,7 +183,8 @@ class DoctorResult:
                 "recipe": self.recipe.to_dict(), "verification": dict(self.verification),
                 "tasks": [t.to_dict() for t in self.tasks], "export": self.export.to_dict(),
                 "runtimes": [r.to_dict() for r in self.runtimes], "files": dict(self.files),
-                "phases": {k: round(v, 1) for k, v in self.phases.items()}, "peak_rss_mb": round(self.peak_rss_mb, 1)}
+                "phases": {k: round(v, 1) for k, v in self.phases.items()},
+                "cpu_seconds": {k: round(v, 1) for k, v in self.cpu_seconds.items()}, "peak_rss_mb": round(self.peak_rss_mb, 1)}
 
 
 @dataclass
@@ -263,17 +265,19 @@ def plan_steps(fix: FixResult, scan: ScanReport) -> list[PlanStep]:
 
 
 class Phases:
-    """Wall time per phase, each announced on stderr as ``[i/n] name …`` (``say``)."""
+    """Wall time and process CPU time per phase (CPU time tells a loaded machine's wall time from
+    the work), each phase announced on stderr as ``[i/n] name …`` (``say``)."""
 
     def __init__(self, names: list[str], say=None):
-        self.names, self.say, self.seconds = list(names), say, {}
+        self.names, self.say, self.seconds, self.cpu_seconds = list(names), say, {}, {}
 
     def run(self, name: str, fn, *args, **kwargs):
         if self.say is not None:
             self.say(f"[{self.names.index(name) + 1}/{len(self.names)}] {name} …")
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn(*args, **kwargs)
         self.seconds[name] = time.perf_counter() - t0
+        self.cpu_seconds[name] = time.process_time() - c0
         return out
 
 
@@ -359,7 +363,8 @@ def diagnose_and_treat(model, tokenizer, config: DoctorConfig, work: Path, phase
     runtimes.append(phases.run("serve check", transformers_check, ckpt, config))
     doctor = DoctorResult(model=source, config=config, scan=report, fix=result, verification=verification,
                           tasks=tasks, export=exported, runtimes=runtimes, out_dir=str(work),
-                          steps=plan_steps(result, report), phases=phases.seconds, peak_rss_mb=peak_rss_mb())
+                          steps=plan_steps(result, report), phases=phases.seconds, cpu_seconds=phases.cpu_seconds,
+                          peak_rss_mb=peak_rss_mb())
 
     def write_reports():
         write_html(report, str(work / FILES["scan_html"]))
@@ -368,6 +373,7 @@ def diagnose_and_treat(model, tokenizer, config: DoctorConfig, work: Path, phase
     phases.run("report", write_reports)  # the page shows the phases before this one
     if t_start is not None:  # wall time since the model load began
         doctor.phases["total"] = time.perf_counter() - t_start
+        doctor.cpu_seconds["total"] = time.process_time()  # the whole process, model load included
     doctor.peak_rss_mb = peak_rss_mb()
     atomic_write_json(str(work / MARKER), doctor.to_dict())  # last: its presence marks a complete output
     return doctor
