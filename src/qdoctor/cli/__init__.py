@@ -22,6 +22,7 @@ COMMANDS.append("qdoctor.cli.scan_cmd")
 COMMANDS.append("qdoctor.cli.plant_cmd")
 COMMANDS.append("qdoctor.cli.export_cmd")
 COMMANDS += ["qdoctor.cli.fix_cmd", "qdoctor.cli.quantize_cmd"]
+COMMANDS.append("qdoctor.cli.doctor_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

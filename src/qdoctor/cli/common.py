@@ -12,10 +12,13 @@ from qdoctor.distributed import current_world
 from qdoctor.errors import QDoctorError
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="built-in name (smollm2-135m, gemma3-270m), .gguf file, HF directory or hub id "
-                        "(default: smollm2-135m)")
+def add_model_args(p: argparse.ArgumentParser, positional: bool = False) -> None:
+    """--model (or, ``positional``, a first argument MODEL), --dtype, --device, … ."""
+    what = "built-in name (smollm2-135m, gemma3-270m), .gguf file, HF directory or hub id (default: smollm2-135m)"
+    if positional:
+        p.add_argument("model", nargs="?", default="smollm2-135m", metavar="MODEL", help=what)
+    else:
+        p.add_argument("--model", default="smollm2-135m", help=what)
     p.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (GPU default) or fp16")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint (off by default)")

@@ -233,22 +233,11 @@ def load_scan(path: str, cfg) -> tuple:
 
 
 def verify(searcher, result, args) -> dict:
-    """FP, naive and planned perplexity on the WikiText-2 test split (``--limit`` windows), each
-    plan scored by the searcher (one pass of the windows through the block pipeline)."""
-    from qdoctor.calib.text import text_source
-    from qdoctor.eval.perplexity import token_windows
-    from qdoctor.models.registry import bos_token_id
-    from qdoctor.policy.search import Plan
+    """FP, naive and planned perplexity on the WikiText-2 test split (``--limit`` windows)
+    (``policy.verify.verify_perplexities``)."""
+    from qdoctor.policy.verify import verify_perplexities
 
-    model, tok = searcher.model, searcher.tok
-    windows = token_windows(tok, text_source("wikitext2:test"), args.seqlen, bos_token_id(model, tok))[: args.limit]
-    out = {"split": "wikitext2:test", "windows": int(windows.shape[0]), "seqlen": args.seqlen}
-    out["fp_ppl"] = searcher.fp_ppl_of(windows)
-    out["naive_ppl"] = searcher.evaluate(Plan(), windows=windows).ppl
-    out["planned_ppl"] = searcher.evaluate(result.best.plan, windows=windows).ppl
-    out["naive_delta_pct"] = 100 * (out["naive_ppl"] / out["fp_ppl"] - 1)
-    out["planned_delta_pct"] = 100 * (out["planned_ppl"] / out["fp_ppl"] - 1)
-    return out
+    return verify_perplexities(searcher, result.best.plan, args.seqlen, args.limit)
 
 
 def _acc(v: float) -> str:

@@ -29,8 +29,11 @@ from qdoctor.errors import QDoctorError
 from qdoctor.io import DISK_ERRNOS, disk_error, remove_stale
 
 
-def check_out_dir(path: "str | os.PathLike", overwrite: bool = False) -> Path:
-    """Fail early, before any model work, when ``path`` cannot receive a checkpoint."""
+def check_out_dir(path: "str | os.PathLike", overwrite: bool = False, marker: str = "config.json") -> Path:
+    """Fail early, before any model work, when ``path`` cannot receive a checkpoint.
+
+    ``marker``: the file whose presence makes an existing directory replaceable with ``overwrite``
+    (``config.json`` for a checkpoint; ``qdoctor doctor`` passes its own ``doctor.json``)."""
     p = Path(path).expanduser().absolute()
     parent = p.parent
     if not parent.exists():
@@ -44,32 +47,34 @@ def check_out_dir(path: "str | os.PathLike", overwrite: bool = False) -> Path:
             raise QDoctorError(f"{path}: already exists; pass --overwrite (overwrite=True) to replace it")
         if p.is_symlink() or not p.is_dir():
             raise QDoctorError(f"{path}: exists and is not a directory; refusing to replace it")
-        if any(p.iterdir()) and not (p / "config.json").is_file():
-            raise QDoctorError(f"{path}: exists and is not a model checkpoint (no config.json); "
+        if any(p.iterdir()) and not (p / marker).is_file():
+            what = "a model checkpoint" if marker == "config.json" else "an output of this command"
+            raise QDoctorError(f"{path}: exists and is not {what} (no {marker}); "
                                "refusing to replace it, even with --overwrite")
     return p
 
 
-def _restore_interrupted_swap(target: Path) -> None:
+def _restore_interrupted_swap(target: Path, marker: str = "config.json") -> None:
     """A run killed between the two renames of a fallback replace left ``.<name>.old-<pid>-X``
     and no ``<name>``: put the old checkpoint back."""
     if target.exists() or target.is_symlink():
         return
     pat = re.compile(rf"^\.{re.escape(target.name)}\.old-(\d+)-[^.]+$")
-    olds = [f for f in target.parent.iterdir() if pat.match(f.name) and (f / "config.json").is_file()]
+    olds = [f for f in target.parent.iterdir() if pat.match(f.name) and (f / marker).is_file()]
     if len(olds) == 1:
         os.rename(olds[0], target)
         print(f"qdoctor: note: restored {target} from {olds[0].name}, left by an interrupted run", file=sys.stderr)
 
 
 @contextmanager
-def staged_dir(path: "str | os.PathLike", overwrite: bool = False):
-    """Yield an empty staging directory; on success rename it to ``path``, else delete it."""
+def staged_dir(path: "str | os.PathLike", overwrite: bool = False, marker: str = "config.json"):
+    """Yield an empty staging directory; on success rename it to ``path``, else delete it
+    (``marker``: as ``check_out_dir``)."""
     target = Path(path).expanduser().absolute()
     if target.parent.is_dir():
-        _restore_interrupted_swap(target)
+        _restore_interrupted_swap(target, marker)
         remove_stale(target, "dir")
-    target = check_out_dir(path, overwrite)
+    target = check_out_dir(path, overwrite, marker)
     try:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-"))
     except OSError as e:
@@ -77,7 +82,7 @@ def staged_dir(path: "str | os.PathLike", overwrite: bool = False):
                            f"({e.strerror or e})") from None
     try:
         yield tmp
-        _publish(tmp, path, target, overwrite)
+        _publish(tmp, path, target, overwrite, marker)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in DISK_ERRNOS:
@@ -110,8 +115,8 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _publish(tmp: Path, path, target: Path, overwrite: bool) -> None:
-    check_out_dir(path, overwrite)  # it may have appeared while we worked
+def _publish(tmp: Path, path, target: Path, overwrite: bool, marker: str = "config.json") -> None:
+    check_out_dir(path, overwrite, marker)  # it may have appeared while we worked
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model directory is normally shared

@@ -12,7 +12,7 @@ from qdoctor.report import plots
 from qdoctor.report.markdown import num, pct
 from qdoctor.scan.findings import ScanReport
 
-_CSS = """
+CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1340px;color:#222;
      padding:0 16px}
 h1{font-size:22px;margin-bottom:4px} h2{font-size:17px;margin-top:30px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -36,7 +36,7 @@ code{background:#f4f4f4;padding:1px 4px;border-radius:3px}
 """
 
 
-def _img(png: bytes, alt: str) -> str:
+def img_tag(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
 
@@ -121,7 +121,7 @@ def render_html(report: ScanReport) -> str:
     spikes = [f for f in layers if f.activation_spike]
     weights = [f for f in layers if f.weight_outlier]
     title = f"qdoctor scan · {m.get('source') or m.get('class')}"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{_CSS}</style>"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title><style>{CSS}</style>"
              f"</head><body><h1>{_e(title)}</h1>"]
     parts.append(f"<div class='meta'>{_e(m.get('class'))} · family {_e(m.get('family'))} · {m.get('blocks')} blocks · "
                  f"{m.get('linear_layers')} linear layers · {_e(m.get('dtype'))} · calibration {cal.get('n_samples')} × "
@@ -143,22 +143,22 @@ def render_html(report: ScanReport) -> str:
                  f"Red outlines below mark flagged cells.</p>")
 
     parts.append("<h2>Where: block × projection</h2>")
-    parts.append(_img(plots.heatmap(layers, lambda f: f.spike_ratio, "Activation spike ratio (max / median token "
+    parts.append(img_tag(plots.heatmap(layers, lambda f: f.spike_ratio, "Activation spike ratio (max / median token "
                                     "absmax of the layer input)", flagged=lambda f: f.activation_spike,
                                     cbar_label="spike ratio"), "spike ratio heatmap"))
-    parts.append(_img(plots.heatmap(layers, lambda f: f.activation.max_token_max, "Largest input activation |x|",
+    parts.append(img_tag(plots.heatmap(layers, lambda f: f.activation.max_token_max, "Largest input activation |x|",
                                     flagged=lambda f: f.activation_spike, cbar_label="max |x|"),
                       "activation max heatmap"))
-    parts.append(_img(plots.heatmap(layers, lambda f: f.weight.max_abs, "max|W|", flagged=lambda f: f.weight_outlier,
+    parts.append(img_tag(plots.heatmap(layers, lambda f: f.weight.max_abs, "max|W|", flagged=lambda f: f.weight_outlier,
                                     cbar_label="max |W|"), "max|W| heatmap"))
 
     parts.append("<h2>How much: per-layer quantization error</h2>")
-    parts.append(_img(plots.error_strip(layers, [("out_w_channel", "INT8 per-channel W"),
+    parts.append(img_tag(plots.error_strip(layers, [("out_w_channel", "INT8 per-channel W"),
                                                  ("out_w_group", "INT8 per-group W"),
                                                  ("out_w_tensor", "INT8 per-tensor W")],
                                         thr.get("weight_error"), "Weight-only output error ‖XWᵀ − XQ(W)ᵀ‖/‖XWᵀ‖ "
                                         "(activations exact); shaded = flagged layer"), "weight error per layer"))
-    parts.append(_img(plots.error_strip(layers, [("out_a_tensor_static_int8", "INT8 per-tensor static"),
+    parts.append(img_tag(plots.error_strip(layers, [("out_a_tensor_static_int8", "INT8 per-tensor static"),
                                                  ("out_a_tensor_dynamic_int8", "INT8 per-tensor dynamic"),
                                                  ("out_a_token_dynamic_int8", "INT8 per-token dynamic"),
                                                  ("out_a_tensor_static_fp8", "FP8 per-tensor static")],
@@ -166,7 +166,7 @@ def render_html(report: ScanReport) -> str:
                                         "shaded = flagged layer"), "activation error per layer"))
     focus = flagged[:12] if flagged else sorted(layers, key=lambda f: -f.errors["out_a_tensor_static_int8"])[:6]
     focus = sorted(focus, key=lambda f: (f.block, f.projection))
-    parts.append(_img(plots.error_bars(focus, [("out_w_tensor", "W per-tensor"), ("out_w_channel", "W per-channel"),
+    parts.append(img_tag(plots.error_bars(focus, [("out_w_tensor", "W per-tensor"), ("out_w_channel", "W per-channel"),
                                                ("out_w_group", "W per-group"),
                                                ("out_a_tensor_static_int8", "A INT8 static"),
                                                ("out_a_tensor_dynamic_int8", "A INT8 dyn-tensor"),
@@ -179,16 +179,16 @@ def render_html(report: ScanReport) -> str:
 
     parts.append("<h2>Which tokens: activation magnitude per position</h2>")
     worst_spk = sorted(layers, key=lambda f: -f.spike_ratio)[:4]
-    parts.append(_img(plots.token_profile(worst_spk, "Per-token max |x| of the 4 spikiest layer inputs (solid: max over "
+    parts.append(img_tag(plots.token_profile(worst_spk, "Per-token max |x| of the 4 spikiest layer inputs (solid: max over "
                                                      "samples, dotted: median over samples)"), "token profile"))
     if spikes:
-        parts.append(_img(plots.dim_profile(sorted(spikes, key=lambda f: -f.spike_ratio)[:4],
+        parts.append(img_tag(plots.dim_profile(sorted(spikes, key=lambda f: -f.spike_ratio)[:4],
                                             "Which channels: per-channel input absmax of the spikiest layers",
                                             attr="activation"), "activation channel profile"))
     if weights:
         wl = sorted(weights, key=lambda f: -f.weight.max_median_ratio)[:4]
         parts.append("<h2>Which input dimensions: weight outliers</h2>")
-        parts.append(_img(plots.dim_profile(wl, "Per-input-dimension max|W| of the worst weight-outlier layers"),
+        parts.append(img_tag(plots.dim_profile(wl, "Per-input-dimension max|W| of the worst weight-outlier layers"),
                           "weight dim profile"))
 
     sens = report.sensitivity is not None

@@ -6,7 +6,9 @@
   the decision threshold;
 - ``error_bars``: grouped bars of every scheme's error for a few layers;
 - ``token_profile``: per-position max / median token absmax of the spikiest layers;
-- ``dim_profile``: per-input-dimension weight absmax of the worst weight layers.
+- ``dim_profile``: per-input-dimension weight absmax of the worst weight layers;
+- ``value_bars`` / ``grouped_errorbars``: bars of a few measured values (perplexities, accuracies)
+  with error bars and a reference line, for the doctor report.
 """
 
 from __future__ import annotations
@@ -187,4 +189,46 @@ def dim_profile(findings: list[LayerFinding], title: str, attr: str = "weight") 
     ax.grid(True, which="major", alpha=0.3)
     ax.set_title(title, fontsize=11, loc="left")
     ax.legend(fontsize=8, loc="upper right", ncol=2)
+    return _png(fig)
+
+
+def value_bars(labels: list[str], values: list[float], title: str, ylabel: str, errors: list[float] | None = None,
+               reference: tuple[float, str] | None = None, colors: list[str] | None = None) -> bytes:
+    """One bar per label (``errors``: ± error bars, e.g. a standard error), each labelled with its
+    value; ``reference`` = (y, label): a dashed horizontal line (a budget limit)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.25 * len(labels) + 2), 3.2))
+    x = list(range(len(labels)))
+    ax.bar(x, values, 0.6, yerr=errors, capsize=5 if errors else 0, color=colors, edgecolor="#333", linewidth=0.5)
+    for xi, v in zip(x, values):
+        ax.annotate(f"{v:.3g}", (xi, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    if reference is not None:
+        ax.axhline(reference[0], color="red", linestyle="--", linewidth=1, label=reference[1])
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_xticks(x, labels, rotation=15 if max(len(s) for s in labels) > 14 else 0, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=11, loc="left")
+    return _png(fig)
+
+
+def grouped_errorbars(groups: list[str], series: list[tuple[str, list[float], list[float]]], title: str,
+                      ylabel: str) -> bytes:
+    """For each group (a task), one bar per series (label, values, ± errors)."""
+    import numpy as np
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 2.5), 3.2))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (label, values, errors) in enumerate(series):
+        xs = x + (i - (len(series) - 1) / 2) * width
+        ax.bar(xs, values, width, yerr=errors, capsize=4, label=label, edgecolor="#333", linewidth=0.5)
+        for xi, v in zip(xs, values):
+            ax.annotate(f"{v:.3g}", (xi, v), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+    ax.set_xticks(x, groups, fontsize=9)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_title(title, fontsize=11, loc="left")
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
