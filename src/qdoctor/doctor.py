@@ -44,7 +44,6 @@ from qdoctor.scan.findings import ScanReport
 from qdoctor.scan.run import scan_with_stats
 
 MARKER = "doctor.json"  # the file that makes an existing DIR a doctor output (replaceable with --overwrite)
-SERVE_PROFILES = ("any", "vllm", "transformers")
 FILES = {"report": "report.html", "result": MARKER, "scan_json": "scan.json", "scan_html": "scan.html",
          "recipe": "recipe.yaml", "checkpoint": "checkpoint"}
 
@@ -56,7 +55,8 @@ class DoctorConfig:
     test_windows × test_seqlen: WikiText-2 test windows of the before/after perplexity table.
     tasks / task_items / task_seed: zero-shot tasks, items drawn per task with the seed (all
         items when a task has fewer); empty ``tasks``: no zero-shot check.
-    serve: the runtime the checkpoint is for (``any`` | ``vllm`` | ``transformers``).
+    The runtime the checkpoint is for is the search's profile (``fix.serve``/``gpu``/``tp``:
+    ``serve.profiles``): plans it cannot run are never tried, and the export checks it again.
     load_check: load the written checkpoint with transformers and generate ``load_check_tokens``
         greedy tokens from ``load_check_prompt``."""
 
@@ -66,7 +66,6 @@ class DoctorConfig:
     tasks: tuple[str, ...] = ("piqa", "arc_easy")
     task_items: int = 100
     task_seed: int = 1234
-    serve: str = "any"
     save_dtype: str | None = None
     load_check: bool = True
     load_check_prompt: str = "The capital of France is"
@@ -74,8 +73,6 @@ class DoctorConfig:
     progress: bool = True
 
     def __post_init__(self):
-        if self.serve not in SERVE_PROFILES:
-            raise QDoctorError(f"--serve must be one of {', '.join(SERVE_PROFILES)}, got {self.serve!r}")
         if self.fix.metric_spec.name != "ppl":
             raise QDoctorError("the doctor searches with the perplexity metric (zero-shot tasks verify the plan)")
         for name in ("test_windows", "test_seqlen", "task_items", "load_check_tokens"):
@@ -88,12 +85,9 @@ class DoctorConfig:
         return replace(self.fix.scan_config(self.progress), activation_errors=True)
 
     def export_options(self) -> dict:
-        """Keyword arguments of ``export_checkpoint`` that depend on the serve profile.
-
-        SERVE PROFILE: this is the one place the ``--serve`` choice reaches the treatment and the
-        export. Today only ``vllm`` changes anything (plans vLLM has no kernel for are refused);
-        runtime profiles of ``fix``/``export`` plug in here."""
-        return {"require_vllm": self.serve == "vllm"}
+        """Keyword arguments of ``export_checkpoint`` that depend on the serve profile: the
+        search's own (``FixConfig.profile``), so the export refuses what the search would not try."""
+        return {"serve": self.fix.profile}
 
     def to_dict(self) -> dict:
         d = asdict(self)

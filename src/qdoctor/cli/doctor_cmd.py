@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 
-from qdoctor.cli.common import add_model_args, load_model, positive_int, say, split_list
+from qdoctor.cli.common import add_model_args, add_serve_args, load_model, positive_int, say, serve_kwargs, split_list
 
 # Defaults chosen so that `qdoctor doctor smollm2-135m` fits in minutes on 2 CPU cores (docs/doctor.md).
 DEFAULTS = {"calib_samples": 32, "calib_seqlen": 512, "eval_windows": 2, "eval_seqlen": 1024, "test_windows": 2,
@@ -28,8 +28,7 @@ def register(sub) -> None:
                    help="target scheme: w8a8-tensor-static (default), w8a8-channel-static, w8a8-token or any named "
                         "scheme")
     p.add_argument("--budget", default="1%", help="allowed held-out perplexity increase over FP (default 1%%)")
-    p.add_argument("--serve", default="any", choices=["any", "vllm", "transformers"],
-                   help="the runtime the checkpoint is for; vllm refuses plans vLLM has no kernel for (default any)")
+    add_serve_args(p, "the checkpoint is for: the search never tries a plan it cannot run")
     p.add_argument("--max-layers", default="3%", help="at most this share of linear layers kept out of INT8 or "
                                                       "per-group (default 3%%)")
     p.add_argument("--keep", default="bf16", choices=["bf16", "fp16", "fp8"],
@@ -77,9 +76,10 @@ def build_config(args):
                     eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen,
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   seed=args.seed, sample_rows=FixConfig().calibration.sample_rows,
-                                                  holdout_fraction=FixConfig().calibration.holdout_fraction))
+                                                  holdout_fraction=FixConfig().calibration.holdout_fraction),
+                    **serve_kwargs(args))
     return DoctorConfig(fix=fix, test_windows=args.test_windows, test_seqlen=args.seqlen, tasks=tasks,
-                        task_items=args.task_items, task_seed=args.task_seed, serve=args.serve,
+                        task_items=args.task_items, task_seed=args.task_seed,
                         save_dtype=args.save_dtype, load_check=not args.no_load_check, progress=not args.quiet)
 
 

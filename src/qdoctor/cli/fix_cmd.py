@@ -58,6 +58,14 @@ def parse_points(text: str) -> float:
     return v
 
 
+def parse_methods(text: str) -> tuple[str, ...]:
+    """``--methods``: ``all``, or names of ``policy.search.METHODS`` (checked by ``FixConfig``)."""
+    from qdoctor.policy.search import METHODS
+
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    return tuple(METHODS) if names == ["all"] else tuple(dict.fromkeys(names))
+
+
 TASK_ONLY = ("metric_items", "metric_seed", "task_data")
 
 
@@ -94,6 +102,11 @@ def register(sub) -> None:
     p.add_argument("--gptq", action="store_true",
                    help="also try GPTQ weight rounding (default settings) as a candidate step, kept if it scores "
                         "better (free at inference; one more calibration pass per plan scored with it)")
+    p.add_argument("--methods", default="",
+                   help="further candidate steps, comma-separated, or 'all': rotation (Hadamard R1+R2, and +R4 "
+                        "online where the runtime runs it), mse (scale search), gptq, smoothquant-gptq "
+                        "(llm-compressor's standard recipe); each costs a calibration pass per plan scored "
+                        "(default: none)")
     p.add_argument("--eval-windows", type=positive_int, default=4,
                    help="held-out windows scoring each candidate plan (default 4)")
     p.add_argument("--eval-seqlen", type=positive_int, default=2048, help="held-out window length (default 2048)")
@@ -154,7 +167,8 @@ def run(args) -> int:
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   source=args.calib_source, seed=args.seed,
                                                   sample_rows=args.sample_rows, holdout_fraction=0.2),
-                    metric=str(spec), gptq=GPTQConfig() if args.gptq else None, **task_kw, **serve_kwargs(args),
+                    metric=str(spec), gptq=GPTQConfig() if args.gptq else None, methods=parse_methods(args.methods),
+                    **task_kw, **serve_kwargs(args),
                     cost_m=args.cost_m, gemm_table=args.gemm_table)
     if spec.name == "tasks":  # a missing data file fails now, not after loading the model
         from qdoctor.eval.zeroshot import find_task_file

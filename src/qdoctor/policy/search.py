@@ -95,6 +95,7 @@ class FixConfig:
     task_data: str | None = None  # task metric: folder with <task>.jsonl[.gz] instead of the shipped data
     metric_batch_size: int = 16  # task metric: requests per forward
     gptq: GPTQConfig | None = None  # a GPTQ candidate step (3b) with this config; None: not tried
+    methods: tuple[str, ...] = ()  # further candidate steps (METHODS): rotation, mse, gptq, smoothquant-gptq
     serve: str = "vllm"  # runtime profile the plan must run on (serve.profiles): vllm | transformers | any
     gpu: str = "hopper"  # vllm: ampere | ada | hopper (FP8 W8A8 needs ada/hopper)
     tp: int = 1  # vllm: tensor parallelism (online Hadamard needs tp 1)
@@ -104,6 +105,9 @@ class FixConfig:
 
     def __post_init__(self):
         self.profile  # unknown runtime / GPU / bad tp → QDoctorError
+        unknown = [x for x in self.methods if x not in METHODS]
+        if unknown:
+            raise QDoctorError(f"unknown search method(s) {', '.join(unknown)}: use {', '.join(METHODS)}")
         spec = self.metric_spec  # bad syntax / unknown task → QDoctorError
         if self.budget_pct < 0:
             raise QDoctorError("the budget must be ≥ 0%" if spec.name == "ppl" else "the budget must be ≥ 0 points")
@@ -148,6 +152,7 @@ class Plan:
     label: str = "naive"
     rotation: RotationStep | None = None  # Hadamard rotations (statistics recalibrated in their basis)
     gptq: GPTQConfig | None = None
+    observers: tuple[tuple[str, str], ...] = ()  # (role, observer): scale search on every quantized layer
 
     def kept(self) -> list[str]:
         return [n for n, ls in self.overrides.items() if ls.keep or (ls.weights and ls.weights.dtype == "fp8")]
@@ -159,7 +164,34 @@ class Plan:
     def extend(self, label: str, smoothing=(), overrides=None, gptq: GPTQConfig | None = None) -> "Plan":
         o = dict(self.overrides)
         o.update(overrides or {})
-        return Plan(self.smoothing + list(smoothing), o, label, self.rotation, gptq or self.gptq)
+        return Plan(self.smoothing + list(smoothing), o, label, self.rotation, gptq or self.gptq, self.observers)
+
+    def but(self, label: str, **changes) -> "Plan":
+        """This plan with ``changes`` to its fields (rotation, gptq, observers) under ``label``."""
+        fields = {"overrides": dict(self.overrides), "smoothing": list(self.smoothing), **changes}
+        return replace(self, label=label, **fields)
+
+
+# Candidate steps beyond smoothing, granularity and precision (``FixConfig.methods``), each free at
+# inference except R4's online Hadamard before down_proj (``serve.profiles`` checks the runtime):
+#   rotation          Hadamard R1+R2 offline (and R1+R2+R4 where the runtime runs online transforms)
+#   mse               scale search: the mse observer on static activations, the weight clip search
+#   gptq              GPTQ weight rounding on the best plan so far (``FixConfig.gptq`` or defaults)
+#   smoothquant-gptq  llm-compressor's standard recipe as a candidate (SmoothQuant 0.8 + GPTQ)
+METHODS = ("rotation", "mse", "gptq", "smoothquant-gptq")
+
+
+def with_observers(ls: LayerScheme, observers: tuple[tuple[str, str], ...]) -> LayerScheme:
+    """``ls`` with the observers of ``observers`` on its weights / static activations (kept layers
+    and dynamic activations as they are)."""
+    if not ls.is_quantized:
+        return ls
+    o = dict(observers)
+    w = replace(ls.weights, observer=o["weights"]) if "weights" in o else ls.weights
+    a = ls.activations
+    if a is not None and not a.dynamic and "activations" in o:
+        a = replace(a, observer=o["activations"])
+    return LayerScheme(w, a)
 
 
 @dataclass
@@ -414,6 +446,10 @@ class Searcher:
 
     def recipe(self, plan: Plan) -> Recipe:
         scheme = self.target.with_overrides(plan.overrides, name=f"{self.target.name}+{plan.label}")
+        if plan.observers:
+            scheme = Scheme(scheme.name, with_observers(scheme.default, plan.observers),
+                            {k: with_observers(v, plan.observers) for k, v in scheme.overrides.items()},
+                            scheme.ignore, scheme.description)
         model = getattr(self.model, "qdoctor_source", "")
         if self.start is not None:  # the start recipe's steps first, then the plan's; its other keys kept
             return replace(self.start, scheme=scheme, smoothing=list(self.start.smoothing) + list(plan.smoothing),
@@ -509,6 +545,14 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
 
     siblings = s.siblings
     naive = best = run(Plan())
+    methods = set(config.methods)
+    gptq_cfg = config.gptq or (GPTQConfig() if methods & {"gptq", "smoothquant-gptq"} else None)
+    # 1b. rotation: every later step builds on the better basis
+    if "rotation" in methods and not meets(best):
+        for step in rotation_candidates(s.arch):
+            t = run(best.plan.but(f"rotation-{step.basis.split(':')[1]}", rotation=step))
+            if t is not None and better(t, best):
+                best = t
     # 2. weight outliers: per-group, or — where the runtime has no per-group kernel — FP8 (BF16 where
     # FP8 does not run) for those layers; bi-smoothing either way. Fused siblings move together.
     outliers = cap(rank_weight_outliers(s.evidence, config.weight_error_threshold), len(s.names),
@@ -535,10 +579,21 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
                                      smoothing=[SmoothingStep("smoothquant", alpha)]))
             if t is not None and better(t, best):
                 best = t
-    # 3b. GPTQ weight rounding (opt-in)
-    if config.gptq is not None and not meets(best):
-        t = run(best.plan.extend(f"{best.plan.label}+gptq", gptq=config.gptq))
-        if better(t, best):
+    # 3b. scale search: the mse observer on static activations, then the weight clip search
+    if "mse" in methods and not meets(best):
+        static = s.target.default.activations is not None and not s.target.default.activations.dynamic
+        for obs in ((("activations", "mse"),) if static else ()) + (("weights", "mse"),):
+            t = run(best.plan.but(f"{best.plan.label}+mse-{obs[0]}", observers=best.plan.observers + (obs,)))
+            if t is not None and better(t, best):
+                best = t
+    # 3c. GPTQ weight rounding on the best plan so far, and llm-compressor's standard recipe
+    if gptq_cfg is not None and (config.gptq is not None or "gptq" in methods) and not meets(best):
+        t = run(best.plan.extend(f"{best.plan.label}+gptq", gptq=gptq_cfg))
+        if t is not None and better(t, best):
+            best = t
+    if "smoothquant-gptq" in methods and not meets(best):
+        t = run(Plan([SmoothingStep("smoothquant", 0.8)], {}, "smoothquant-0.8+gptq", gptq=gptq_cfg))
+        if t is not None and better(t, best):
             best = t
     # 4. keep the spikiest layers (with their fused siblings), while whole groups fit the layer budget
     budget_left = max_layers - len(best.plan.per_group())
@@ -563,8 +618,7 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
             if not all(n in best.plan.kept() for n in group if n in best.plan.overrides):
                 continue
             o = {k: v for k, v in best.plan.overrides.items() if k not in group}
-            t = run(Plan(best.plan.smoothing, o, f"{_base_label(best.plan.label)}+keep{len(o)}-{config.keep}",
-                         best.plan.rotation, best.plan.gptq))
+            t = run(best.plan.but(f"{_base_label(best.plan.label)}+keep{len(o)}-{config.keep}", overrides=o))
             if t is not None and meets(t):
                 best = t
     bar.close()
@@ -578,6 +632,19 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
     # what the search measured, without its wall time: the same search writes the same recipe
     recipe.metrics = {k: v for k, v in result.to_dict().items() if k not in ("trials", "seconds")}
     return result
+
+
+def rotation_candidates(arch) -> list[RotationStep]:
+    """The rotations the search tries for this family: R1+R2 (offline, free) and R1+R2+R4 (an
+    online Hadamard before down_proj); none the family refuses (``RotationStep.check``)."""
+    out = []
+    for step in (RotationStep(True, True, False), RotationStep(True, True, True)):
+        try:
+            step.check(arch)
+        except QDoctorError:
+            continue
+        out.append(step)  # one the runtime cannot run (R4 under vLLM tp > 1) is skipped by the profile
+    return out
 
 
 def _base_label(label: str) -> str:

@@ -226,7 +226,7 @@ def _run(r) -> str:
             f"{cal.holdout_fraction:.0%} held out for the search · {cfg.fix.eval_windows} × {cfg.fix.eval_seqlen} "
             f"held-out tokens per plan · test {cfg.test_windows} × {cfg.test_seqlen} tokens · zero-shot "
             f"{', '.join(cfg.tasks) or 'off'} ({cfg.task_items} items, seed {cfg.task_seed}) · serve profile "
-            f"{_e(cfg.serve)}</p><p class='meta'>wall time: {phases} · peak RSS {r.peak_rss_mb:.0f} MiB"
+            f"{_e(cfg.fix.profile.describe())}</p><p class='meta'>wall time: {phases} · peak RSS {r.peak_rss_mb:.0f} MiB"
             "</p></section>")
 
 
