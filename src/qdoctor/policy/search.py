@@ -559,14 +559,15 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
                    config.max_layer_fraction)
     grouped = s.whole_groups(outliers, max_layers)
     if outliers and not meets(best):
+        pre = "" if best.plan.label == "naive" else f"{best.plan.label}+"  # e.g. after a rotation
         g = s.group_overrides(grouped)
-        cands = [run(best.plan.extend("mixed-granularity", overrides=g))]
+        cands = [run(best.plan.extend(f"{pre}mixed-granularity", overrides=g))]
         if cands[0] is None and grouped:
             fp8 = keep_scheme(s.target, "fp8")
             keep = "fp8" if layer_servable(fp8, config.profile) else "bf16"
             ls = fp8 if keep == "fp8" else LayerScheme(keep="bf16")
-            cands.append(run(best.plan.extend(f"outliers-{keep}", overrides=dict.fromkeys(grouped, ls))))
-        cands.append(run(best.plan.extend("bi-smoothing",
+            cands.append(run(best.plan.extend(f"{pre}outliers-{keep}", overrides=dict.fromkeys(grouped, ls))))
+        cands.append(run(best.plan.extend(f"{pre}bi-smoothing",
                                           smoothing=[SmoothingStep("bismooth-max", 0.5, tuple(outliers))])))
         for t in cands:  # the first of equals wins, as min()
             if t is not None and better(t, best):
