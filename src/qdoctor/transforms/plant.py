@@ -68,7 +68,7 @@ def plant_weight_outliers(model, blocks=(0, 1, 2), projections=("q", "k", "v", "
         block = all_blocks[b]
         for pair in pairs.values():
             colmax = torch.stack([block.get_submodule(c).weight.detach().abs().double().amax(0)
-                                  for c in pair.consumers]).amin(0)
+                                  for c in pair.consumers]).amin(0).cpu()  # the weights may be on a GPU
             s = torch.ones(hidden, dtype=torch.float64)
             idx = torch.tensor(chosen)
             s[idx] = magnitude / colmax[idx].clamp_min(1e-12)  # S_j = c_j: columns × c_j, norm ÷ c_j
