@@ -207,4 +207,4 @@ def test_eval_cli_stream_matches_whole_model(tmp_path, capsys):
     assert streamed["results"][2]["kept_layers"] == 1
     capsys.readouterr()
     assert main(["eval", "--model", str(tmp_path / "m"), "--stream", "--tasks", "piqa"]) == 2
-    assert "not available with --stream" in capsys.readouterr().err
+    assert "--stream scores perplexity only" in capsys.readouterr().err  # refused before the model loads

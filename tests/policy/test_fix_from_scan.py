@@ -48,7 +48,8 @@ def test_fix_from_a_saved_scan_finds_the_same_plan(tiny_llama_dir, tmp_path, mon
 
 def test_fix_refuses_a_scan_made_with_other_settings(tiny_llama_dir, tmp_path, capsys):
     plain = tmp_path / "plain.json"
-    assert main(["scan", "--model", str(tiny_llama_dir), *SCAN, "--json", str(plain)]) == 0
+    plain_scan = [a for a in SCAN if a not in ("--sample-rows", "32")]  # without --for-fix it keeps no rows
+    assert main(["scan", "--model", str(tiny_llama_dir), *plain_scan, "--json", str(plain)]) == 0
     capsys.readouterr()
     assert main(["fix", "--model", str(tiny_llama_dir), *SMALL, "--scan", str(plain)]) == 2
     assert "re-run it with --for-fix" in capsys.readouterr().err
