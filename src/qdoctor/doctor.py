@@ -217,11 +217,11 @@ def _smoothing_step(step, scan: ScanReport) -> PlanStep:
 
 
 def _optional_steps(recipe: Recipe) -> list[PlanStep]:
-    """Recipe keys other treatments add (the shared interface: ``rotation``, ``gptq``), when present."""
+    """The plan's rotation and GPTQ steps (``Recipe.rotation``, ``Recipe.gptq``), when present."""
     out = []
-    rotation = getattr(recipe, "rotation", None)
+    rotation = recipe.rotation
     if rotation is not None:
-        d = rotation.to_dict() if hasattr(rotation, "to_dict") else dict(rotation)
+        d = rotation.to_dict()
         offline = [k.upper() for k in ("r1", "r2") if d.get(k)]
         if offline:
             out.append(PlanStep(f"Hadamard rotation {'/'.join(offline)}", ["*"], "spreads outlier channels over all "
@@ -229,7 +229,7 @@ def _optional_steps(recipe: Recipe) -> list[PlanStep]:
         if d.get("r4"):
             out.append(PlanStep("online Hadamard R4 before down_proj", ["*.down_proj"], "spreads the down_proj input "
                                 "outliers", "an online Hadamard transform per token before each down_proj"))
-    gptq = getattr(recipe, "gptq", None)
+    gptq = recipe.gptq
     if gptq is not None:
         out.append(PlanStep("GPTQ weight rounding", ["*"], "rounds each weight column to compensate the error of "
                             "the ones before it (second-order)", "free: calibration time only"))
