@@ -23,8 +23,10 @@ Columns: PPL, % vs FP, layers out of the target INT8 scheme (kept + per-group), 
 search (auto rows) and to calibrate/prepare the plan (GPTQ, rotation statistics).
 
 With --tasks-items N the best (b) plan is also scored zero-shot on the eight shipped tasks
-(N seeded items each) against FP; with --planted DIR (``qdoctor plant`` output) settings (a)
-and (b) are searched on the planted model and compared with the unplanted model's naive W8A8.
+(N seeded items each) against FP; with --planted DIR (``qdoctor plant`` output) the
+--planted-settings (default a,b; ``b@vllm:ampere`` searches under that serve profile) are searched on
+the planted model and compared with the unplanted model's naive W8A8 (measured here when the
+setting itself is not in --settings; --settings "" runs the planted part alone).
 Prints one table per setting and writes everything to --json.
 """
 
@@ -127,7 +129,10 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="test windows (default: the full split)")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--tasks-items", type=int, default=0)
-    ap.add_argument("--planted", default=None)
+    ap.add_argument("--planted", default=None, help="a `qdoctor plant` output folder")
+    ap.add_argument("--planted-settings", default="a,b",
+                    help="settings searched on the planted model, each optionally @RUNTIME[:GPU] (default serve any), "
+                         "e.g. a,b,b@vllm:ampere")
     ap.add_argument("--json", default=None)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args()
@@ -146,7 +151,7 @@ def main():
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=1)
 
-    for key in args.settings.split(","):
+    for key in filter(None, args.settings.split(",")):
         out["settings"][key] = run_setting(key, model, tok, windows, fp, names, args.progress, {})
         save()
     if args.tasks_items and "b" in out["settings"]:
@@ -167,20 +172,29 @@ def main():
     if args.planted:
         pm, ptok = qdoctor.load(args.planted, dtype="fp32")
         out["planted"] = {}
-        for key in ("a", "b"):
+        for entry in args.planted_settings.split(","):
+            key, _, serve = entry.partition("@")
+            runtime, _, gpu = (serve or "any").partition(":")
             target, budget = SETTINGS[key]
-            unplanted = out["settings"].get(key, {}).get("rows", [{}])[0].get("ppl")
-            cfg = FixConfig(target=target, budget_pct=budget, methods=METHODS, serve="any")
+            rows = out["settings"].get(key, {}).get("rows", [])
+            unplanted = rows[0]["ppl"] if rows else Recipe.of(resolve_target(target), FixConfig().calibration) \
+                .perplexity(model, tok, windows)[0].ppl
+            cfg = FixConfig(target=target, budget_pct=budget, methods=METHODS, serve=runtime,
+                            **({"gpu": gpu} if gpu else {}))
             t0 = time.perf_counter()
             res = search(pm, ptok, cfg, searcher=Searcher(pm, ptok, cfg, progress=args.progress),
                          progress=args.progress)
+            seconds = time.perf_counter() - t0
             naive = Recipe.of(resolve_target(target), FixConfig().calibration).perplexity(pm, ptok, windows)[0].ppl
             ppl = res.recipe.perplexity(pm, ptok, windows)[0].ppl
-            out["planted"][key] = {"target": target, "plan": res.best.label, "naive_ppl": naive, "ppl": ppl,
-                                   "unplanted_naive_ppl": unplanted, "search_s": round(time.perf_counter() - t0, 1),
-                                   "vs_unplanted_pct": 100 * (ppl / unplanted - 1) if unplanted else None}
-            print(f"planted ({key}) {target}: naive {naive:.3f}, plan {res.best.label} {ppl:.3f}, unplanted naive "
-                  f"{unplanted}, vs unplanted {out['planted'][key]['vs_unplanted_pct']}", flush=True)
+            out["planted"][entry] = {"target": target, "serve": cfg.profile.describe(), "plan": res.best.label,
+                                     "naive_ppl": naive, "ppl": ppl, "unplanted_naive_ppl": unplanted,
+                                     "search_s": round(seconds, 1), "vs_unplanted_pct": 100 * (ppl / unplanted - 1),
+                                     "heldout_delta_pct": res.best.delta_pct, "recipe": res.recipe.to_dict(),
+                                     "layers_out": layers_out(res.recipe, names)}
+            print(f"planted ({entry}) {target} on {cfg.profile.describe()}: naive {naive:.3f}, plan {res.best.label} "
+                  f"{ppl:.3f} (out {layers_out(res.recipe, names)}), unplanted naive {unplanted:.3f}, vs unplanted "
+                  f"{out['planted'][entry]['vs_unplanted_pct']:+.2f}%, search {seconds:.0f}s", flush=True)
             save()
     if args.json:
         with open(args.json, "w") as f:

@@ -125,3 +125,23 @@ def test_config_round_trip_and_refusals():
             GPTQConfig.from_dict(bad)
     with pytest.raises(QDoctorError):
         GPTQConfig.from_dict([1])
+
+
+def test_shared_input_layers_round_as_if_alone():
+    """q/k/v (or gate/up) read one input: rounding their stacked rows in one loop gives each layer
+    exactly what GPTQ gives it alone — mixed dtypes and granularities, with and without act-order."""
+    from qdoctor.quant.gptq import gptq_quantize_shared
+    w, x = correlated_layer(n=40, k=64)
+    H = hessian_of(x)
+    parts = [w[:16], w[16:24] * 3.0, w[24:]]
+    specs = [QuantSpec("int8", PerChannel()), QuantSpec("fp8", PerGroup(16)), QuantSpec("int8", PerTensor())]
+    for act_order in (False, True):
+        cfg = GPTQConfig(act_order=act_order, block_size=24)
+        shared = gptq_quantize_shared(parts, H, specs, config=cfg)
+        for part, spec, (q, s) in zip(parts, specs, shared):
+            alone_q, alone_s = gptq_quantize(part, H, spec, config=cfg)
+            assert torch.equal(s, alone_s)
+            torch.testing.assert_close(q, alone_q, rtol=0, atol=1e-6)
+            assert torch.equal(fake_quantize(q, spec, s), q)
+    with pytest.raises(QDoctorError, match="one spec and scale per weight"):
+        gptq_quantize_shared(parts, H, specs[:2])

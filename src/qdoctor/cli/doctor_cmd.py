@@ -24,10 +24,11 @@ def register(sub) -> None:
     add_model_args(p, positional=True)
     p.add_argument("--out", required=True, help="output folder (scan, recipe, checkpoint, report.html)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing doctor output folder at --out")
-    p.add_argument("--target", default="w8a8-tensor-static",
-                   help="target scheme: w8a8-tensor-static (default), w8a8-channel-static, w8a8-token or any named "
-                        "scheme")
-    p.add_argument("--budget", default="1%", help="allowed held-out perplexity increase over FP (default 1%%)")
+    p.add_argument("--target", default="w8a8-token",
+                   help="target scheme: w8a8-token (INT8 per-channel weights, dynamic per-token activations: "
+                        "llm-compressor's W8A8 preset; the default), w8a8-channel-static, w8a8-tensor-static or "
+                        "any named scheme")
+    p.add_argument("--budget", default="1.5%", help="allowed held-out perplexity increase over FP (default 1.5%%)")
     add_serve_args(p, "the checkpoint is for: the search never tries a plan it cannot run")
     p.add_argument("--max-layers", default="3%", help="at most this share of linear layers kept out of INT8 or "
                                                       "per-group (default 3%%)")

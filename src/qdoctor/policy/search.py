@@ -5,17 +5,25 @@ norms); a per-group layer costs a finer-grained GEMM; a layer kept in FP8/BF16 l
 INT8 path. The search therefore tries, on top of the best plan so far:
 
 1. naive: the target scheme everywhere;
+1b. rotation — only with ``"rotation"`` in ``FixConfig.methods``: Hadamard R1+R2 (offline) and
+   R1+R2+R4 (an online Hadamard before down_proj); every later step builds on the better basis;
 2. weights — only if some layers show the weight-outlier signature (per-channel INT8 output
    error > ``weight_error_threshold``): mixed granularity (per-group on those layers, each with
    the coarsest g in 128/64/32/16 whose output error meets the threshold) vs
    bi-smoothing of their producer pairs; keep the better;
 3. activations — SmoothQuant on every pair for each α in ``alphas`` ("auto": α searched per
    pair on calibration output error, pairs with a kept consumer left alone); keep if better;
-3b. weight rounding — only with ``FixConfig.gptq``: GPTQ on the best plan so far (free at
-   inference: the weights stay on the same grid); keep if better;
+3b. scale search — with ``"mse"``: the mse observer on static activations, then the weight clip
+   search, each kept if better;
 4. spike-aware precision — keep the spikiest layers (by spike ratio) in ``keep`` precision,
    one at a time, while the budget is missed and fewer than ``max_layer_fraction`` of the
-   layers are out of the default;
+   layers are out of the default. Stage 2's per-group/FP8 layers count against that budget too, so
+   when stage 2 won, the same keep step also runs from the plan without stage 2's layers, and the
+   better result goes on (a per-group plan that spends the whole budget for a small gain would
+   otherwise leave no room for the spikes);
+4b. weight rounding — with ``FixConfig.gptq`` or ``"gptq"``: GPTQ on the best plan so far (free at
+   inference: the weights stay on the same grid); with ``"smoothquant-gptq"`` also llm-compressor's
+   standard recipe (SmoothQuant 0.8 + GPTQ) as a plan of its own; each kept if better;
 5. prune — drop kept layers (least spiky first) that the budget does not need.
 
 Serving (``FixConfig.serve``, default ``vllm``; ``serve.profiles``): a candidate the runtime
@@ -42,6 +50,7 @@ budget was met; it never hides a miss.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field, replace
 
@@ -587,29 +596,46 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
             t = run(best.plan.but(f"{best.plan.label}+mse-{obs[0]}", observers=best.plan.observers + (obs,)))
             if t is not None and better(t, best):
                 best = t
-    # 3c. GPTQ weight rounding on the best plan so far, and llm-compressor's standard recipe
+    # 4. keep the spikiest layers (with their fused siblings), while whole groups fit the layer budget
+    keep_ls = keep_scheme(s.target, config.keep)
+
+    def keep_spikes(best: Trial) -> Trial:
+        budget_left = max_layers - len(best.plan.per_group())
+        spikes = [n for n in rank_spikes(s.evidence, config.spike_min_ratio) if n not in best.plan.overrides]
+        for name in spikes:
+            if meets(best):
+                break
+            group = [n for n in siblings(name) if not (n in best.plan.overrides and best.plan.overrides[n] == keep_ls)]
+            if not group or name in best.plan.kept():
+                continue
+            if len(best.plan.kept()) + len(group) > budget_left:
+                continue
+            label = f"{_base_label(best.plan.label)}+keep{len(best.plan.kept()) + len(group)}-{config.keep}"
+            t = run(best.plan.extend(label, overrides=dict.fromkeys(group, keep_ls)))
+            if t is not None and better(t, best):
+                best = t
+        return best
+
+    # stage 2's layers compete with kept layers for one layer budget (per-group on 6 layers can spend all
+    # of it for a tiny gain): the plan without them keeps spikes too, and the better of the two goes on
+    stage2 = {n for n in best.plan.overrides if n in set(grouped)}
+    without = None
+    if stage2 and not meets(best) and rank_spikes(s.evidence, config.spike_min_ratio):
+        without = run(best.plan.but(_drop_steps(best.plan.label, STAGE2_STEPS),
+                                    overrides={k: v for k, v in best.plan.overrides.items() if k not in stage2}))
+    best = keep_spikes(best)
+    if without is not None:
+        alt = keep_spikes(without)
+        if better(alt, best):
+            best = alt
+    # 4b. GPTQ weight rounding on the best plan so far (after the keep step: a GPTQ plan costs a calibration
+    # pass, and which layers are kept does not change how the others round), and llm-compressor's standard recipe
     if gptq_cfg is not None and (config.gptq is not None or "gptq" in methods) and not meets(best):
         t = run(best.plan.extend(f"{best.plan.label}+gptq", gptq=gptq_cfg))
         if t is not None and better(t, best):
             best = t
     if "smoothquant-gptq" in methods and not meets(best):
         t = run(Plan([SmoothingStep("smoothquant", 0.8)], {}, "smoothquant-0.8+gptq", gptq=gptq_cfg))
-        if t is not None and better(t, best):
-            best = t
-    # 4. keep the spikiest layers (with their fused siblings), while whole groups fit the layer budget
-    budget_left = max_layers - len(best.plan.per_group())
-    spikes = [n for n in rank_spikes(s.evidence, config.spike_min_ratio) if n not in best.plan.overrides]
-    keep_ls = keep_scheme(s.target, config.keep)
-    for name in spikes:
-        if meets(best):
-            break
-        group = [n for n in siblings(name) if not (n in best.plan.overrides and best.plan.overrides[n] == keep_ls)]
-        if not group or name in best.plan.kept():
-            continue
-        if len(best.plan.kept()) + len(group) > budget_left:
-            continue
-        label = f"{_base_label(best.plan.label)}+keep{len(best.plan.kept()) + len(group)}-{config.keep}"
-        t = run(best.plan.extend(label, overrides=dict.fromkeys(group, keep_ls)))
         if t is not None and better(t, best):
             best = t
     # 5. prune kept layers the budget does not need (least spiky group first), a fused group at once
@@ -649,7 +675,17 @@ def rotation_candidates(arch) -> list[RotationStep]:
 
 
 def _base_label(label: str) -> str:
-    return label.split("+keep")[0]
+    """``label`` without its "+keepN-precision" step (later steps, such as "+gptq", stay)."""
+    return re.sub(r"\+keep\d+-[a-z0-9]+", "", label)
+
+
+STAGE2_STEPS = ("mixed-granularity", "outliers-fp8", "outliers-bf16")  # the labels of stage 2's overrides
+
+
+def _drop_steps(label: str, steps: tuple[str, ...]) -> str:
+    """``label`` without the given '+'-separated steps ("naive" when nothing is left)."""
+    kept = [p for p in label.split("+") if p not in steps]
+    return "+".join(kept) or "naive"
 
 
 def _why(e) -> str:

@@ -21,7 +21,8 @@ from qdoctor.quant.int8 import fake_quantize_int8, quantize_int8
 from qdoctor.quant.scales import absmax, group_view, reduce_per_scale, scale_from_absmax
 from qdoctor.quant.spec import QuantSpec
 
-_FAKE = {"int8": fake_quantize_int8, "fp8": fake_quantize_fp8}
+# dtype → x̂ = D(Q(x; s)) for an x and a scale that broadcasts against it (elementwise scales too)
+FAKE_QUANTIZERS = {"int8": fake_quantize_int8, "fp8": fake_quantize_fp8}
 _QUANT = {"int8": quantize_int8, "fp8": quantize_fp8}
 
 
@@ -58,7 +59,7 @@ def fake_quantize(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None =
     _check_input(x)
     if scale is None:
         scale = compute_scale(x, spec)
-    fq = _FAKE[spec.dtype]
+    fq = FAKE_QUANTIZERS[spec.dtype]
     if isinstance(spec.granularity, PerGroup):
         xg = group_view(x.float(), spec.granularity.group_size)
         return fq(xg, scale).reshape(x.shape)

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from qdoctor.errors import QDoctorError
-from qdoctor.quant.fake import compute_scale, fake_quantize
+from qdoctor.quant.fake import FAKE_QUANTIZERS, compute_scale
 from qdoctor.quant.granularity import PerChannel, PerGroup, PerTensor
 from qdoctor.quant.scales import group_view
 from qdoctor.quant.spec import QuantSpec
@@ -154,41 +154,74 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, scale: torc
     """(Ŵ, scale): Ŵ (fp32, W's shape) on the grid of ``spec`` with ``scale`` (default: the scale
     ``QuantLinear`` computes from W), chosen by GPTQ for the Hessian ``H`` (K × K) — see the
     module docstring for the formula. ``fake_quantize(Ŵ, spec, scale) == Ŵ``."""
-    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise QDoctorError(f"GPTQ needs W (N, K) and H (K, K), got {tuple(W.shape)} and {tuple(H.shape)}")
-    if scale is None:
-        scale = compute_scale(W, spec)
-    n, k = W.shape
-    w = W.detach().float().clone()
-    s = column_scales(scale.to(w.device), spec, (n, k)).clone()
-    H = H.to(w.device).float().clone()
+    return gptq_quantize_shared([W], H, [spec], [scale], config)[0]
+
+
+@torch.no_grad()
+def gptq_quantize_shared(weights: list[torch.Tensor], H: torch.Tensor, specs: list[QuantSpec],
+                         scales: "list[torch.Tensor | None] | None" = None,
+                         config: GPTQConfig = GPTQConfig()) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``gptq_quantize`` of several layers that read the same input (q/k/v, gate/up: one H), in one
+    factorisation and one column loop: the update ``W[:, j+1:] −= e_j · U[j, j+1:]`` acts on each
+    row by itself (e_j is per row, U is shared), so stacking the layers' rows [W₁; W₂; …] and
+    running the loop once gives every layer exactly its own result. Rows of one quantized dtype
+    are stacked together (the rounding differs between INT8 and FP8). Returns [(Ŵᵢ, scaleᵢ)]."""
+    scales = list(scales) if scales is not None else [None] * len(weights)
+    if not (len(weights) == len(specs) == len(scales)) or not weights:
+        raise QDoctorError(f"GPTQ needs one spec and scale per weight, got {len(weights)} weights, "
+                           f"{len(specs)} specs, {len(scales)} scales")
+    for W in weights:
+        if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+            raise QDoctorError(f"GPTQ needs W (N, K) and H (K, K), got {tuple(W.shape)} and {tuple(H.shape)}")
+    scales = [compute_scale(W, spec) if s is None else s for W, spec, s in zip(weights, specs, scales)]
+    device = weights[0].device
+    H = H.to(device).float().clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    perm = None
-    if config.act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True)
-        w, s, H = w[:, perm], s[:, perm], H[perm][:, perm]
+    perm = torch.argsort(torch.diagonal(H), descending=True) if config.act_order else None
+    if perm is not None:
+        H = H[perm][:, perm]
     U = inverse_hessian_factor(H, config.dampening)
     del H
-    elementwise = QuantSpec(dtype=spec.dtype, granularity=PerChannel())  # s already holds one scale per element
+    out: list = [None] * len(weights)
+    for dtype in dict.fromkeys(spec.dtype for spec in specs):
+        idx = [i for i, spec in enumerate(specs) if spec.dtype == dtype]
+        w = torch.cat([weights[i].detach().float() for i in idx]).to(device)
+        s = torch.cat([column_scales(scales[i].to(device), specs[i], tuple(weights[i].shape)) for i in idx])
+        w[:, dead] = 0.0
+        if perm is not None:
+            w, s = w[:, perm], s[:, perm]
+        q = _round_columns(w, s, U, FAKE_QUANTIZERS[dtype], config.block_size)
+        if perm is not None:
+            q = q[:, torch.argsort(perm)]
+        rows = 0
+        for i in idx:
+            n = weights[i].shape[0]
+            out[i] = (q[rows:rows + n], scales[i])
+            rows += n
+    return out
+
+
+def _round_columns(w: torch.Tensor, s: torch.Tensor, U: torch.Tensor, fq, block_size: int) -> torch.Tensor:
+    """The GPTQ column loop (module docstring) over w (N × K, consumed) with elementwise scales s
+    and the inverse-Hessian factor U, in lazy blocks of ``block_size`` columns; returns Ŵ."""
+    k = w.shape[1]
     q = torch.empty_like(w)
-    for a in range(0, k, config.block_size):
-        b = min(a + config.block_size, k)
-        w1, u1 = w[:, a:b].clone(), U[a:b, a:b]
+    for a in range(0, k, block_size):
+        b = min(a + block_size, k)
+        w1, u1, s1 = w[:, a:b].clone(), U[a:b, a:b], s[:, a:b]
+        q1 = q[:, a:b]
         err1 = torch.empty_like(w1)
         with _one_cpu_thread(w.device):
             for j in range(b - a):
-                col = w1[:, j:j + 1]
-                qc = fake_quantize(col, elementwise, s[:, a + j:a + j + 1])
-                q[:, a + j:a + j + 1] = qc
+                col = w1[:, j]
+                qc = fq(col, s1[:, j])
+                q1[:, j] = qc
                 e = (col - qc) / u1[j, j]
-                w1[:, j:] -= e * u1[j:j + 1, j:]
-                err1[:, j:j + 1] = e
+                w1[:, j + 1:].addr_(e, u1[j, j + 1:], alpha=-1.0)
+                err1[:, j] = e
         w[:, b:] -= err1 @ U[a:b, b:]  # the lazy batch update of the columns after the block
-    if perm is not None:
-        q = q[:, torch.argsort(perm)]
-    return q, scale
+    return q
 
 
 @contextmanager

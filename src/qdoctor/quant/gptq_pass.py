@@ -7,8 +7,9 @@ For each decoder block i (``models.streaming.stream_blocks`` over the calibratio
    and returns ``finish(weights)``, which quantizes the block with the given GPTQ weights;
 2. one pre-hook per input group (``ArchSpec.input_groups``: q/k/v share one input, gate/up one)
    folds the inputs into a ``HessianAccumulator`` while the windows run through the block;
-3. each quantized linear of the block is rounded by ``gptq_quantize`` with its group's Hessian
-   and its own ``LayerScheme``'s weight spec; the Hessians are freed;
+3. the quantized linears of each input group are rounded together by ``gptq_quantize_shared``
+   (one factorisation of the group's Hessian, one column loop over their stacked rows), each
+   on its own ``LayerScheme``'s weight grid; the Hessians are freed;
 4. the next block's inputs are the treated full-precision block's outputs (step 2's forward),
    or with ``propagate`` those of the block quantized with its GPTQ weights (``finish``, one
    more forward): error propagation, llm-compressor's sequential pipeline.
@@ -42,7 +43,7 @@ from qdoctor.models.registry import arch_for
 from qdoctor.models.streaming import block_source, stream_blocks
 from qdoctor.quant.apply import layer_scheme_for
 from qdoctor.quant.fake import quantize as quantize_codes
-from qdoctor.quant.gptq import GPTQConfig, HessianAccumulator, dequantize_codes, gptq_quantize
+from qdoctor.quant.gptq import GPTQConfig, HessianAccumulator, dequantize_codes, gptq_quantize_shared
 from qdoctor.quant.spec import Scheme
 
 
@@ -123,10 +124,10 @@ def gptq_pass(model: nn.Module, input_ids: torch.Tensor, scheme: Scheme, config:
         t0 = time.perf_counter()
         for lead, members in targets.items():
             H = hessians.pop(lead).hessian()
-            for rel in members:
-                lin = block.get_submodule(rel)
-                spec = scheme.resolve(prefix + rel).weights
-                rounded[prefix + rel] = gptq_quantize(lin.weight.detach(), H, spec, config=config)
+            ws = [block.get_submodule(rel).weight.detach() for rel in members]
+            specs = [scheme.resolve(prefix + rel).weights for rel in members]
+            for rel, r in zip(members, gptq_quantize_shared(ws, H, specs, config=config)):
+                rounded[prefix + rel] = r
             del H
         _sync(block)
         store.seconds["gptq"] += time.perf_counter() - t0
