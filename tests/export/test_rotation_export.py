@@ -81,3 +81,29 @@ def test_streamed_export_writes_the_same_tensors(rotated_export, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert json.loads((tmp_path / "s" / "config.json").read_text())["quantization_config"] == \
         json.loads((out / "config.json").read_text())["quantization_config"]
+
+
+def test_verification_applies_the_online_hadamard_on_both_sides(rotated_export):
+    """Export verification of an R4 plan: the loader-rule simulation applies the layer's online
+    Hadamard and the reloaded checkpoint gets its transform_config; without either, both sides run
+    down_proj on unrotated inputs and agree on a broken model (SmolLM2 (b) plan: PPL 3e12 on both)."""
+    from qdoctor.eval.perplexity import token_windows
+    from qdoctor.calib.text import text_source
+    from qdoctor.export.verify import VerifySpec, loader_rounding, verify_checkpoint
+    from qdoctor.quant.linear import clear_input_transforms
+    from qdoctor.models.registry import bos_token_id
+
+    _, model, tok, recipe, out, _ = rotated_export
+    windows = token_windows(tok, text_source("wikitext2:test"), 64, bos_token_id(model, tok))[:2]
+    v = verify_checkpoint(out, model, tok, VerifySpec(windows=windows, text="wikitext2:test"), recipe=recipe)
+    assert abs(v.gap_pct) <= 0.3, v.line()
+    ids = windows[:1, :24]
+    with torch.no_grad(), recipe.applied(model, tok):
+        own = model(ids).logits
+        with loader_rounding():
+            rule = model(ids).logits
+        clear_input_transforms(model)
+        with loader_rounding():
+            unrotated = model(ids).logits
+    # the loaders' rule differs from qdoctor's by rounding only; dropping the Hadamard is another function
+    assert (rule - own).abs().max() < 0.1 * (unrotated - own).abs().max()

@@ -17,6 +17,7 @@ WikiText-2 test tokens: reloaded 19.5426 vs qdoctor's rule 19.4482, +0.49 %).
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.perplexity import perplexity
 from qdoctor.quant.granularity import PerGroup, PerTensor
-from qdoctor.quant.linear import QuantLinear
+from qdoctor.quant.linear import QuantLinear, apply_input_transform
 
 TOLERANCE_PCT = 0.3
 
@@ -112,6 +113,7 @@ def loader_forward(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     ``loader_fake_quantize``; kept layers as a plain matmul in the checkpoint's precision (no bf16/fp16
     rounding of their inputs and outputs)."""
     bias = layer.bias.float() if layer.bias is not None else None
+    x = apply_input_transform(layer, x)  # the checkpoint's transform_config (R4), applied before quantization
     s = layer.scheme
     x_hat = x.float() if s.keep or s.activations is None else loader_fake_quantize(x, s.activations, layer.input_scale)
     return F.linear(x_hat, layer.weight_hat, bias).to(x.dtype)
@@ -147,6 +149,11 @@ def reloaded_ppl(path: "str | Path", tokenizer, windows: torch.Tensor, dtype: to
         raise QDoctorError(f"verification: transformers cannot load the written checkpoint "
                            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        transforms = (config.get("quantization_config") or {}).get("transform_config")
+        if transforms:  # transformers does not apply them on load (vLLM does): do what a transformers user must
+            from compressed_tensors.transform import TransformConfig, apply_transform_config
+            apply_transform_config(loaded, TransformConfig.model_validate(transforms))
         return perplexity(loaded, tokenizer, windows=windows, progress=False).ppl
     finally:
         del loaded

@@ -40,6 +40,12 @@ def _apply_transform(transform, x: torch.Tensor) -> torch.Tensor:
     return transform.apply(x.float()).to(x.dtype)  # fp32 butterflies whatever the activation dtype
 
 
+def apply_input_transform(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x R for a linear with an online input transform, else x (what its forward does first)."""
+    transform = input_transform_of(module)
+    return x if transform is None else _apply_transform(transform, x)
+
+
 def input_transform_of(module: nn.Module):
     """The online input transform of a linear (None: none)."""
     return getattr(module, "qdoctor_input_transform", None)
