@@ -78,6 +78,11 @@ def method_recipes(target: str, calibration) -> dict[str, Recipe]:
     return out
 
 
+def naive_recipe(target: str) -> Recipe:
+    """The target scheme everywhere, round to nearest, absmax scales, the search's calibration."""
+    return Recipe.of(resolve_target(target), FixConfig().calibration)
+
+
 def layers_out(recipe: Recipe, names: list[str]) -> int:
     """Layers whose scheme differs from the target's default (kept, FP8 or per-group)."""
     return sum(1 for n in names if recipe.scheme.resolve(n) != recipe.scheme.default)
@@ -99,7 +104,7 @@ def run_setting(key, model, tok, windows, fp, names, progress, fix_kwargs) -> di
     target, budget = SETTINGS[key]
     print(f"\n== ({key}) {target}, budget {budget}%", flush=True)
     rows = []
-    naive = Recipe.of(resolve_target(target), FixConfig().calibration)
+    naive = naive_recipe(target)
     rows.append(measure("naive", naive, model, tok, windows, fp, names))
     for label, methods in (("previous auto", ()), ("auto", METHODS)):
         cfg = FixConfig(target=target, budget_pct=budget, methods=methods, serve="any", **fix_kwargs)
@@ -177,15 +182,14 @@ def main():
             runtime, _, gpu = (serve or "any").partition(":")
             target, budget = SETTINGS[key]
             rows = out["settings"].get(key, {}).get("rows", [])
-            unplanted = rows[0]["ppl"] if rows else Recipe.of(resolve_target(target), FixConfig().calibration) \
-                .perplexity(model, tok, windows)[0].ppl
+            unplanted = rows[0]["ppl"] if rows else naive_recipe(target).perplexity(model, tok, windows)[0].ppl
             cfg = FixConfig(target=target, budget_pct=budget, methods=METHODS, serve=runtime,
                             **({"gpu": gpu} if gpu else {}))
             t0 = time.perf_counter()
             res = search(pm, ptok, cfg, searcher=Searcher(pm, ptok, cfg, progress=args.progress),
                          progress=args.progress)
             seconds = time.perf_counter() - t0
-            naive = Recipe.of(resolve_target(target), FixConfig().calibration).perplexity(pm, ptok, windows)[0].ppl
+            naive = naive_recipe(target).perplexity(pm, ptok, windows)[0].ppl
             ppl = res.recipe.perplexity(pm, ptok, windows)[0].ppl
             out["planted"][entry] = {"target": target, "serve": cfg.profile.describe(), "plan": res.best.label,
                                      "naive_ppl": naive, "ppl": ppl, "unplanted_naive_ppl": unplanted,

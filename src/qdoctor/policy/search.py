@@ -618,7 +618,7 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
 
     # stage 2's layers compete with kept layers for one layer budget (per-group on 6 layers can spend all
     # of it for a tiny gain): the plan without them keeps spikes too, and the better of the two goes on
-    stage2 = {n for n in best.plan.overrides if n in set(grouped)}
+    stage2 = set(best.plan.overrides) & set(grouped)
     without = None
     if stage2 and not meets(best) and rank_spikes(s.evidence, config.spike_min_ratio):
         without = run(best.plan.but(_drop_steps(best.plan.label, STAGE2_STEPS),

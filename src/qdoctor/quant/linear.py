@@ -172,8 +172,7 @@ class QuantLinear(nn.Module):
                                    group_size=route["group_size"], bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qdoctor_input_transform is not None:
-            x = _apply_transform(self.qdoctor_input_transform, x)
+        x = apply_input_transform(self, x)
         if x.is_cuda and self.use_kernels:
             route = self.kernel_route()
             if route is not None:
