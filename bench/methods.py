@@ -23,9 +23,9 @@ Columns: PPL, % vs FP, layers out of the target INT8 scheme (kept + per-group), 
 search (auto rows) and to calibrate/prepare the plan (GPTQ, rotation statistics).
 
 With --tasks-items N the best (b) plan is also scored zero-shot on the eight shipped tasks
-(N seeded items each) against FP; with --planted DIR (``qdoctor plant`` output) the
---planted-settings (default a,b; ``b@vllm:ampere`` searches under that serve profile) are searched on
-the planted model and compared with the unplanted model's naive W8A8 (measured here when the
+(N seeded items each) against FP (the (b) auto search runs for it when b is not in --settings);
+with --planted DIR (``qdoctor plant`` output) the --planted-settings (default a,b; ``b@vllm:ampere``
+searches under that serve profile) are searched on the planted model and compared with the unplanted model's naive W8A8 (measured here when the
 setting itself is not in --settings; --settings "" runs the planted part alone).
 Prints one table per setting and writes everything to --json.
 """
@@ -100,6 +100,19 @@ def measure(label, recipe, model, tok, windows, fp, names, seconds_search=None):
     return row
 
 
+def auto_row(label, methods, key, model, tok, windows, fp, names, progress, fix_kwargs) -> dict:
+    """The plan search of setting ``key`` with ``methods``, its plan measured on the test windows."""
+    target, budget = SETTINGS[key]
+    cfg = FixConfig(target=target, budget_pct=budget, methods=methods, serve="any", **fix_kwargs)
+    t0 = time.perf_counter()
+    res = search(model, tok, cfg, searcher=Searcher(model, tok, cfg, progress=progress), progress=progress)
+    row = measure(f"{label}: {res.best.label}", res.recipe, model, tok, windows, fp, names, time.perf_counter() - t0)
+    row["heldout_delta_pct"] = res.best.delta_pct
+    row["trials"] = [t.to_dict() for t in res.trials]
+    row["recipe"] = res.recipe.to_dict()
+    return row
+
+
 def run_setting(key, model, tok, windows, fp, names, progress, fix_kwargs) -> dict:
     target, budget = SETTINGS[key]
     print(f"\n== ({key}) {target}, budget {budget}%", flush=True)
@@ -107,15 +120,7 @@ def run_setting(key, model, tok, windows, fp, names, progress, fix_kwargs) -> di
     naive = naive_recipe(target)
     rows.append(measure("naive", naive, model, tok, windows, fp, names))
     for label, methods in (("previous auto", ()), ("auto", METHODS)):
-        cfg = FixConfig(target=target, budget_pct=budget, methods=methods, serve="any", **fix_kwargs)
-        t0 = time.perf_counter()
-        res = search(model, tok, cfg, searcher=Searcher(model, tok, cfg, progress=progress), progress=progress)
-        row = measure(f"{label}: {res.best.label}", res.recipe, model, tok, windows, fp, names,
-                      time.perf_counter() - t0)
-        row["heldout_delta_pct"] = res.best.delta_pct
-        row["trials"] = [t.to_dict() for t in res.trials]
-        row["recipe"] = res.recipe.to_dict()
-        rows.append(row)
+        rows.append(auto_row(label, methods, key, model, tok, windows, fp, names, progress, fix_kwargs))
     for label, recipe in method_recipes(target, FixConfig().calibration).items():
         rows.append(measure(label, recipe, model, tok, windows, fp, names))
     return {"target": target, "budget_pct": budget, "rows": rows}
@@ -123,7 +128,7 @@ def run_setting(key, model, tok, windows, fp, names, progress, fix_kwargs) -> di
 
 def zeroshot(model, tok, items: int) -> dict[str, float]:
     """acc of each of the eight tasks on its first ``items`` items."""
-    res = evaluate(model, tok, TASKS, limit=items, progress=False)
+    res = evaluate(model, tok, TASKS, limit=items, batch_size=64, progress=False)
     return {t: r.metrics["acc"] for t, r in res.items()}
 
 
@@ -159,8 +164,13 @@ def main():
     for key in filter(None, args.settings.split(",")):
         out["settings"][key] = run_setting(key, model, tok, windows, fp, names, args.progress, {})
         save()
-    if args.tasks_items and "b" in out["settings"]:
-        rows = out["settings"]["b"]["rows"]
+    if args.tasks_items:
+        if "b" in out["settings"]:
+            rows = out["settings"]["b"]["rows"]
+        else:  # the (b) auto search alone, its plan measured on the test windows as in the table
+            print("\n== (b) auto plan for the zero-shot run", flush=True)
+            rows = [auto_row("auto", METHODS, "b", model, tok, windows, fp, names, args.progress, {})]
+            out["zeroshot_plan_row"] = rows[0]
         best = min((r for r in rows if "recipe" in r), key=lambda r: r["ppl"])
         recipe = Recipe.from_dict(best["recipe"])
         fp_acc = zeroshot(model, tok, args.tasks_items)

@@ -50,6 +50,8 @@ CASES = [
     (["plant", "--dims", "5,77", "--seed", "3"], ["--seed"], "count"),
     # fix (the task-metric options, refused before this issue; kept here with the others)
     (["fix", "--metric-items", "50"], ["--metric-items"], "task metric"),
+    (["fix", "--no-polish"], ["--no-polish"], "free steps"),
+    (["fix", "--no-polish", "--methods", "rotation"], ["--no-polish"], "free steps"),
 ]
 
 

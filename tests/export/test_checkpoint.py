@@ -334,3 +334,25 @@ def test_biases_follow_the_checkpoint_dtype(tmp_path):
     assert t["model.layers.0.self_attn.k_proj.bias"].dtype == torch.bfloat16
     assert torch.equal(t["model.layers.1.self_attn.q_proj.bias"],
                        model.model.layers[1].self_attn.q_proj.bias.detach().to(torch.bfloat16))
+
+
+def test_card_draws_a_plan_search_as_one_table(tiny_llama_dir):
+    """A recipe's search result (what ``qdoctor fix`` records) becomes one table of its numbers, not
+    a dump of the dict; the deltas printed are the ones recomputed here from the values."""
+    from qdoctor.calib.collect import CalibrationConfig
+    from qdoctor.export.card import search_lines
+    from qdoctor.policy.search import FixConfig, search
+
+    model, tok = qdoctor.load(str(tiny_llama_dir), dtype="fp32", device="cpu")
+    cfg = FixConfig(target="w8a8-channel-token", budget_pct=50.0, eval_windows=1, eval_seqlen=64, serve="vllm",
+                    calibration=CalibrationConfig(n_samples=4, seqlen=64, sample_rows=64, holdout_fraction=0.2))
+    m = search(model, tok, cfg, progress=False).recipe.metrics
+    text = "\n".join(search_lines(m))
+    assert f"| full precision | {m['fp_value']:.3f} | — |" in text
+    naive = 100.0 * (m["naive_value"] / m["fp_value"] - 1.0)
+    planned = 100.0 * (m["planned_value"] / m["fp_value"] - 1.0)
+    assert f"| naive w8a8-channel-token | {m['naive_value']:.3f} | {naive:+.2f}% |" in text
+    assert f"| this plan: {m['plan']} | {m['planned_value']:.3f} | {planned:+.2f}% (budget 50.0%: met) |" in text
+    assert "1 windows" not in text and "1 × 64 tokens of the last 20% of wikitext2:valid" in text
+    assert "vllm serving profile (hopper, tp 1)" in text and "{'" not in text
+    assert search_lines({"calibration": "64 × 512 tokens"}) == []  # no search result: the plain table

@@ -105,6 +105,32 @@ def test_export_holds_the_gptq_codes_and_round_trips(tiny, tmp_path):
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
 
 
+def test_export_verification_scores_the_written_gptq_weights(tiny, tmp_path, monkeypatch):
+    """The verification measures the GPTQ weights the checkpoint holds: one GPTQ pass per export (it
+    ran three before: the write, the simulation, the loader-rule simulation — 10 minutes of a SmolLM2
+    export on 2 cores), and the simulation equals the recipe's own perplexity with a fresh pass."""
+    from qdoctor.calib.text import text_source
+    from qdoctor.eval.perplexity import token_windows
+    from qdoctor.export.verify import VerifySpec
+    from qdoctor.models.registry import bos_token_id
+    from qdoctor.policy import recipe as recipe_mod
+
+    model, tok = tiny
+    recipe = sq_gptq()
+    stats = recipe.statistics(model, tok)
+    windows = token_windows(tok, text_source("wikitext2:test"), 64, bos_token_id(model, tok))[:2]
+    passes = []
+    real_pass = recipe_mod.gptq_pass
+    monkeypatch.setattr(recipe_mod, "gptq_pass", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
+    report = export_checkpoint(model, tok, tmp_path / "ckpt", recipe=recipe, stats=stats, progress=False,
+                               verify=VerifySpec(windows=windows))
+    assert len(passes) == 1
+    v = report.verification
+    assert v["ok"], v
+    assert v["simulated_ppl"] == pytest.approx(recipe.perplexity(model, tok, windows, stats)[0].ppl, rel=1e-6)
+    assert len(passes) == 2  # the reference above ran its own pass
+
+
 def test_streamed_gptq_plan_scores_as_resident(tiny, tiny_llama_dir):
     model, tok = tiny
     recipe = sq_gptq("w8a8-channel-token", act_order=True, propagate=True)

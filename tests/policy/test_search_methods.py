@@ -37,6 +37,23 @@ def test_every_method_is_tried_and_the_recipe_reproduces_the_best(monkeypatch):
     assert ppl == pytest.approx(res.best.ppl, rel=1e-6)
 
 
+@pytest.mark.parametrize("polish", [True, False])
+def test_free_steps_polish_a_plan_that_already_meets_the_budget(monkeypatch, polish):
+    """Every plan meets the budget: with polish the free steps (mse, GPTQ) still run on it and the
+    better trial wins; without, the search stops at the naive plan."""
+    monkeypatch.setattr(metric_mod.PerplexityMetric, "within_budget", lambda self, *a, **k: True)
+    model, tok = tiny_model("llama"), tiny_tokenizer()
+    cfg = _cfg(methods=("rotation", "mse", "gptq"), serve="any", polish=polish)
+    res = search(model, tok, cfg, searcher=Searcher(model, tok, cfg, progress=False), progress=False)
+    labels = [t.label for t in res.trials]
+    if not polish:
+        assert labels == ["naive"]
+        return
+    assert labels[0] == "naive" and not any(lb.startswith("rotation") for lb in labels)  # rotation is not free
+    assert "naive+mse-activations" in labels and any(lb.endswith("+gptq") for lb in labels)
+    assert res.best.value == min(t.value for t in res.trials)
+
+
 def test_rotation_candidates_follow_the_family_refusals():
     assert [c.r4 for c in rotation_candidates(arch_for(tiny_model("llama")))] == [False, True]
     assert rotation_candidates(arch_for(tiny_model("gemma3_text"))) == []  # R1 refused for Gemma 3

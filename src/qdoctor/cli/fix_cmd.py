@@ -20,6 +20,7 @@ from qdoctor.cli.common import (
     require_parent,
     say,
     serve_kwargs,
+    was_given,
 )
 from qdoctor.errors import QDoctorError
 
@@ -107,6 +108,9 @@ def register(sub) -> None:
                         "online where the runtime runs it), mse (scale search), gptq, smoothquant-gptq "
                         "(llm-compressor's standard recipe); each costs a calibration pass per plan scored "
                         "(default: none)")
+    p.add_argument("--no-polish", dest="polish", action="store_false",
+                   help="stop at the first plan that meets the budget; by default the free steps of --methods "
+                        "(mse, gptq) and --gptq are still tried on it and kept if better")
     p.add_argument("--eval-windows", type=positive_int, default=4,
                    help="held-out windows scoring each candidate plan (default 4)")
     p.add_argument("--eval-seqlen", type=positive_int, default=2048, help="held-out window length (default 2048)")
@@ -153,6 +157,9 @@ def run(args) -> int:
                    "metric_seed": 1234 if args.metric_seed is None else args.metric_seed,
                    "task_data": args.task_data}
     max_frac = parse_percent(args.max_layers) / 100.0
+    if was_given(args, "polish") and not ({"mse", "gptq"} & set(parse_methods(args.methods)) or args.gptq):
+        raise QDoctorError("--no-polish would be ignored: it only stops the free steps of --methods mse,gptq "
+                           "or --gptq from running past the budget")
     start = None
     if args.start_from:
         refuse_unused(args, ("target",), "is replaced by --start-from (the search starts from that recipe's scheme)")
@@ -168,6 +175,7 @@ def run(args) -> int:
                                                   source=args.calib_source, seed=args.seed,
                                                   sample_rows=args.sample_rows, holdout_fraction=0.2),
                     metric=str(spec), gptq=GPTQConfig() if args.gptq else None, methods=parse_methods(args.methods),
+                    polish=args.polish,
                     **task_kw, **serve_kwargs(args),
                     cost_m=args.cost_m, gemm_table=args.gemm_table)
     if spec.name == "tasks":  # a missing data file fails now, not after loading the model

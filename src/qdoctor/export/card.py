@@ -2,8 +2,10 @@
 
 It states what the checkpoint holds — the scheme of every layer, grouped as in the config,
 and the layers left in floating point with the reason — and prints the caller's evidence
-and measurements exactly as given. It never computes or invents a number of its own beyond
-sizes of the files written and a relative change between two numbers the caller supplied.
+and measurements exactly as given (a plan search's result, which a recipe from ``qdoctor fix``
+records among its metrics, as one table of the numbers it measured). It never computes or
+invents a number of its own beyond sizes of the files written and a relative change between
+two numbers the caller supplied.
 
 ``card`` (all keys optional)::
 
@@ -98,9 +100,13 @@ def render_card(plan, report, card: dict | None = None, source: str = "") -> str
     elif v:
         out += [f"Not verified at export: {v['skipped']}.", ""]
     metrics = card.get("metrics") or {}
+    searched = search_lines(metrics)
+    rest = {k: v for k, v in metrics.items() if not (searched and k in SEARCH_RESULT_KEYS)}
     if metrics:
         measured = True
-        out += ["| measurement | value |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in metrics.items()] + [""]
+        out += searched
+    if rest:
+        out += ["| measurement | value |", "|---|---|"] + [f"| {k} | {_cell(v)} |" for k, v in rest.items()] + [""]
     if evidence:
         measured = True
         out += ["Evidence supplied with this export:", ""]
@@ -119,6 +125,54 @@ def render_card(plan, report, card: dict | None = None, source: str = "") -> str
     out += [f"- {n}" for n in card.get("notes") or []]
     out.append("")
     return "\n".join(out)
+
+
+# what a plan search records in its recipe (``policy.search.FixResult.to_dict``), drawn as one table
+SEARCH_RESULT_KEYS = ("target", "budget_pct", "met", "fp_ppl", "naive_ppl", "planned_ppl", "planned_delta_pct",
+                      "naive_delta_pct", "fp_heldout_ppl", "metric", "budget", "budget_unit", "fp_value", "naive_value",
+                      "planned_value", "naive_delta", "planned_delta", "task_values", "layers_total", "layers_kept",
+                      "layers_per_group", "plan", "serve", "skipped", "cost", "heldout")
+
+
+def search_lines(m: dict) -> list[str]:
+    """The plan search's result among the card's metrics, as a table of the numbers it measured
+    (full precision, naive, this plan on its metric) and a line of what the plan spends; [] when
+    ``m`` holds no search result."""
+    if not {"plan", "metric", "fp_value", "naive_value", "planned_value", "naive_delta", "planned_delta"} <= set(m):
+        return []
+    metric = m["metric"] or {}
+    if metric.get("name") == "ppl":
+        where = (f"{metric.get('windows')} × {metric.get('seqlen')} tokens of the {metric.get('source')} "
+                 "(held out from calibration)")
+        col, value, delta = "PPL", (lambda v: f"{v:.3f}"), (lambda d: f"{d:+.2f}%")
+    else:
+        tasks = ", ".join(metric.get("tasks") or {})
+        where = f"{metric.get('items_per_task')} items per task of {tasks} (seed {metric.get('seed')})"
+        col, value, delta = "mean accuracy", (lambda v: f"{100.0 * v:.2f}"), (lambda d: f"{d:+.2f} pts")
+    unit = "%" if m.get("budget_unit", "%") == "%" else f" {m['budget_unit']}"
+    verdict = "met" if m.get("met") else "missed"
+    out = [f"The plan search scored each candidate plan on {where}:", "",
+           f"| plan | {col} | vs full precision |", "|---|---|---|",
+           f"| full precision | {value(m['fp_value'])} | — |",
+           f"| naive {m.get('target', '')} | {value(m['naive_value'])} | {delta(m['naive_delta'])} |",
+           f"| this plan: {_cell(m['plan'])} | {value(m['planned_value'])} | {delta(m['planned_delta'])} "
+           f"(budget {m.get('budget')}{unit}: {verdict}) |", ""]
+    facts = []
+    if "layers_total" in m:
+        facts.append(f"{m.get('layers_kept', 0)} of {m['layers_total']} layers kept in floating point, "
+                     f"{m.get('layers_per_group', 0)} per-group")
+    cost = m.get("cost") or {}
+    if cost.get("speedup_vs_bf16"):
+        facts.append(f"estimated GEMM speed {cost['speedup_vs_bf16']:.2f}× BF16 at M = {cost.get('M')}")
+    serve = m.get("serve") or {}
+    if serve.get("runtime") == "any":
+        facts.append("searched without a serving profile (--serve any)")
+    elif serve.get("runtime"):
+        where = f" ({serve.get('gpu')}, tp {serve.get('tp')})" if serve["runtime"] == "vllm" else ""
+        facts.append(f"searched for the {serve['runtime']} serving profile{where}")
+    if m.get("skipped"):
+        facts.append(f"{len(m['skipped'])} candidate plan(s) skipped as unservable")
+    return out + ([f"{'; '.join(facts)}.", ""] if facts else [])
 
 
 def serving_lines(plan, report) -> list[str]:

@@ -184,7 +184,7 @@ def export_checkpoint(model, tokenizer, out_dir, *, recipe=None, stats=None, ove
         # the rotation undone: verification simulates the plan on the model as it was given
         checked = None
         if verify is not None:
-            checked = verify_checkpoint(tmp, model, tokenizer, verify, recipe, stats, _model_dtype(model))
+            checked = verify_checkpoint(tmp, model, tokenizer, verify, recipe, stats, _model_dtype(model), gptq)
             if not checked.ok:
                 raise QDoctorError(f"export verification failed: {checked.line()}; nothing was written to {out_dir}")
         report = write_report(model, plan, tmp, out_dir, card, t0, serving=serving, profile=profile,

@@ -131,12 +131,13 @@ def loader_rounding():
         QuantLinear.forward = saved
 
 
-def simulated_ppl(model, tokenizer, windows: torch.Tensor, recipe=None, stats=None) -> float:
-    """qdoctor's perplexity of the plan: the recipe applied block by block (``Recipe.perplexity``),
-    or the model as it is when it is already quantized (``recipe`` None)."""
+def simulated_ppl(model, tokenizer, windows: torch.Tensor, recipe=None, stats=None, gptq=None) -> float:
+    """qdoctor's perplexity of the plan: the recipe applied block by block (``Recipe.perplexity``;
+    ``gptq``: the GPTQ weights the checkpoint holds, so the pass is not run again), or the model as
+    it is when it is already quantized (``recipe`` None)."""
     if recipe is None:
         return perplexity(model, tokenizer, windows=windows, progress=False).ppl
-    return recipe.perplexity(model, tokenizer, windows, stats, desc="perplexity (simulated)")[0].ppl
+    return recipe.perplexity(model, tokenizer, windows, stats, desc="perplexity (simulated)", gptq=gptq)[0].ppl
 
 
 def reloaded_ppl(path: "str | Path", tokenizer, windows: torch.Tensor, dtype: torch.dtype) -> float:
@@ -160,12 +161,13 @@ def reloaded_ppl(path: "str | Path", tokenizer, windows: torch.Tensor, dtype: to
 
 
 def verify_checkpoint(path, model, tokenizer, spec: VerifySpec, recipe=None, stats=None,
-                      dtype: torch.dtype = torch.float32) -> Verification:
-    """Both perplexities on ``spec.windows`` (see the module docstring); never raises on a gap."""
+                      dtype: torch.dtype = torch.float32, gptq=None) -> Verification:
+    """Both perplexities on ``spec.windows`` (see the module docstring); never raises on a gap.
+    ``gptq``: the plan's GPTQ weights as written (``Recipe.gptq_weights``)."""
     t0 = time.perf_counter()
-    sim = simulated_ppl(model, tokenizer, spec.windows, recipe, stats)
+    sim = simulated_ppl(model, tokenizer, spec.windows, recipe, stats, gptq)
     with loader_rounding():
-        rule = simulated_ppl(model, tokenizer, spec.windows, recipe, stats)
+        rule = simulated_ppl(model, tokenizer, spec.windows, recipe, stats, gptq)
     got = reloaded_ppl(path, tokenizer, spec.windows, dtype)
     return Verification(sim, got, rule, int(spec.windows.shape[0]), int(spec.windows.shape[1]), spec.text,
                         spec.tolerance_pct, time.perf_counter() - t0)

@@ -14,7 +14,9 @@ INT8 path. The search therefore tries, on top of the best plan so far:
 3. activations — SmoothQuant on every pair for each α in ``alphas`` ("auto": α searched per
    pair on calibration output error, pairs with a kept consumer left alone); keep if better;
 3b. scale search — with ``"mse"``: the mse observer on static activations, then the weight clip
-   search, each kept if better;
+   search, each kept if better; tried also when the budget is already met (``FixConfig.polish``,
+   default on: the step costs nothing at inference, and a budget met by a thin margin on held-out
+   text can be missed on the test split);
 4. spike-aware precision — keep the spikiest layers (by spike ratio) in ``keep`` precision,
    one at a time, while the budget is missed and fewer than ``max_layer_fraction`` of the
    layers are out of the default. Stage 2's per-group/FP8 layers count against that budget too, so
@@ -23,7 +25,8 @@ INT8 path. The search therefore tries, on top of the best plan so far:
    otherwise leave no room for the spikes);
 4b. weight rounding — with ``FixConfig.gptq`` or ``"gptq"``: GPTQ on the best plan so far (free at
    inference: the weights stay on the same grid); with ``"smoothquant-gptq"`` also llm-compressor's
-   standard recipe (SmoothQuant 0.8 + GPTQ) as a plan of its own; each kept if better;
+   standard recipe (SmoothQuant 0.8 + GPTQ) as a plan of its own; each kept if better; GPTQ on the
+   best plan is tried also when the budget is met (``polish``, as 3b);
 5. prune — drop kept layers (least spiky first) that the budget does not need.
 
 Serving (``FixConfig.serve``, default ``vllm``; ``serve.profiles``): a candidate the runtime
@@ -105,6 +108,7 @@ class FixConfig:
     metric_batch_size: int = 16  # task metric: requests per forward
     gptq: GPTQConfig | None = None  # a GPTQ candidate step (3b) with this config; None: not tried
     methods: tuple[str, ...] = ()  # further candidate steps (METHODS): rotation, mse, gptq, smoothquant-gptq
+    polish: bool = True  # the free steps asked for (mse, gptq) are tried on the best plan even once it meets the budget
     serve: str = "vllm"  # runtime profile the plan must run on (serve.profiles): vllm | transformers | any
     gpu: str = "hopper"  # vllm: ampere | ada | hopper (FP8 W8A8 needs ada/hopper)
     tp: int = 1  # vllm: tensor parallelism (online Hadamard needs tp 1)
@@ -590,7 +594,8 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
             if t is not None and better(t, best):
                 best = t
     # 3b. scale search: the mse observer on static activations, then the weight clip search
-    if "mse" in methods and not meets(best):
+    polish = config.polish  # free at inference: worth trying past the budget (module docstring, 3b/4b)
+    if "mse" in methods and (polish or not meets(best)):
         static = s.target.default.activations is not None and not s.target.default.activations.dynamic
         for obs in ((("activations", "mse"),) if static else ()) + (("weights", "mse"),):
             t = run(best.plan.but(f"{best.plan.label}+mse-{obs[0]}", observers=best.plan.observers + (obs,)))
@@ -630,7 +635,7 @@ def search(model, tokenizer, config: FixConfig | None = None, progress: bool = T
             best = alt
     # 4b. GPTQ weight rounding on the best plan so far (after the keep step: a GPTQ plan costs a calibration
     # pass, and which layers are kept does not change how the others round), and llm-compressor's standard recipe
-    if gptq_cfg is not None and (config.gptq is not None or "gptq" in methods) and not meets(best):
+    if gptq_cfg is not None and (config.gptq is not None or "gptq" in methods) and (polish or not meets(best)):
         t = run(best.plan.extend(f"{best.plan.label}+gptq", gptq=gptq_cfg))
         if t is not None and better(t, best):
             best = t
