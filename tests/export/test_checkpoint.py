@@ -341,12 +341,13 @@ def test_card_draws_a_plan_search_as_one_table(tiny_llama_dir):
     a dump of the dict; the deltas printed are the ones recomputed here from the values."""
     from qdoctor.calib.collect import CalibrationConfig
     from qdoctor.export.card import search_lines
-    from qdoctor.policy.search import FixConfig, search
+    from qdoctor.policy.search import RESULT_KEYS, FixConfig, search
 
     model, tok = qdoctor.load(str(tiny_llama_dir), dtype="fp32", device="cpu")
     cfg = FixConfig(target="w8a8-channel-token", budget_pct=50.0, eval_windows=1, eval_seqlen=64, serve="vllm",
                     calibration=CalibrationConfig(n_samples=4, seqlen=64, sample_rows=64, holdout_fraction=0.2))
     m = search(model, tok, cfg, progress=False).recipe.metrics
+    assert set(m) <= set(RESULT_KEYS)  # the card knows every key the search records
     text = "\n".join(search_lines(m))
     assert f"| full precision | {m['fp_value']:.3f} | — |" in text
     naive = 100.0 * (m["naive_value"] / m["fp_value"] - 1.0)

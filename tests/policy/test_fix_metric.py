@@ -12,8 +12,9 @@ from helpers import tiny_model, tiny_tokenizer
 from qdoctor.calib.collect import CalibrationConfig
 from qdoctor.errors import QDoctorError
 from qdoctor.eval.zeroshot import DEFAULT_TASKS, evaluate
+from qdoctor.export.card import search_lines
 from qdoctor.policy.metric import PerplexityMetric, TaskAccuracyMetric, parse_metric
-from qdoctor.policy.search import FixConfig, Plan, Searcher, Trial, search
+from qdoctor.policy.search import RESULT_KEYS, FixConfig, Plan, Searcher, Trial, search
 from qdoctor.quant import QuantLinear, get_scheme, quantize, restore
 
 CAL = CalibrationConfig(n_samples=4, seqlen=64, sample_rows=32, holdout_fraction=0.2)
@@ -162,6 +163,9 @@ def test_search_with_task_metric_honours_points_and_rescoring_matches(tmp_path):
     assert d["planned_value"] == r.best.value and d["fp_value"] == 1.0 and "planned_ppl" not in d
     assert d["task_values"]["planned"] == {"piqa": r.best.value}
     assert r.recipe.metrics["metric"]["name"] == "tasks"
+    assert set(d) <= set(RESULT_KEYS)  # what the model card draws as the search's table
+    card = "\n".join(search_lines(r.recipe.metrics))
+    assert f"| this plan: {r.best.label} | {100 * r.best.value:.2f} |" in card and "40 items per task of piqa" in card
     # evaluate(windows=...) still means perplexity, whatever the metric
     t = s.evaluate(Plan(), windows=s.windows)
     assert t.metric == "ppl" and t.value == t.ppl and t.delta_pct == pytest.approx(100 * (t.ppl / s.fp_ppl - 1))

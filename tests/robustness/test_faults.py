@@ -165,6 +165,9 @@ def _fork_run(argv: list[str], log: Path, action: str = "count", k: int = 0,
         code = 99
         try:
             torch.set_num_threads(1)
+            # Ctrl-C as a terminal delivers it: a suite started in the background (`cmd &`, nohup)
+            # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             # tqdm's write lock is a multiprocessing lock shared with the parent across fork: a child
             # SIGKILLed while holding it would leave the parent's next progress bar waiting forever
             import threading

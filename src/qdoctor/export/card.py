@@ -23,6 +23,7 @@ import numbers
 import re
 from collections import OrderedDict
 
+from qdoctor.policy.search import RESULT_KEYS
 from qdoctor.quant.granularity import granularity_to_str
 from qdoctor.text import index_ranges
 
@@ -101,7 +102,7 @@ def render_card(plan, report, card: dict | None = None, source: str = "") -> str
         out += [f"Not verified at export: {v['skipped']}.", ""]
     metrics = card.get("metrics") or {}
     searched = search_lines(metrics)
-    rest = {k: v for k, v in metrics.items() if not (searched and k in SEARCH_RESULT_KEYS)}
+    rest = {k: v for k, v in metrics.items() if not (searched and k in RESULT_KEYS)}
     if metrics:
         measured = True
         out += searched
@@ -125,13 +126,6 @@ def render_card(plan, report, card: dict | None = None, source: str = "") -> str
     out += [f"- {n}" for n in card.get("notes") or []]
     out.append("")
     return "\n".join(out)
-
-
-# what a plan search records in its recipe (``policy.search.FixResult.to_dict``), drawn as one table
-SEARCH_RESULT_KEYS = ("target", "budget_pct", "met", "fp_ppl", "naive_ppl", "planned_ppl", "planned_delta_pct",
-                      "naive_delta_pct", "fp_heldout_ppl", "metric", "budget", "budget_unit", "fp_value", "naive_value",
-                      "planned_value", "naive_delta", "planned_delta", "task_values", "layers_total", "layers_kept",
-                      "layers_per_group", "plan", "serve", "skipped", "cost", "heldout")
 
 
 def search_lines(m: dict) -> list[str]:

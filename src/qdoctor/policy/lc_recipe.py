@@ -390,8 +390,9 @@ def mapping_globs(mapping, ignore: list[str], notes: list[str]) -> list[str]:
                            "smoothing pairs too")
     others = sorted({k[0] for k in selected} - families)
     if others:
-        notes.append(f"SmoothQuantModifier mapping {mapping!r} is written for {', '.join(sorted(families))} layer "
-                     f"names; on {', '.join(others)} qdoctor smooths the pair feeding the same consumers")
+        notes.append(f"SmoothQuantModifier mapping {mapping!r} names the layers of {', '.join(sorted(families))} "
+                     f"models; on {', '.join(others)} models, whose norm feeding the same consumers has another "
+                     "name, qdoctor smooths that norm")
     return globs
 
 
