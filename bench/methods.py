@@ -25,8 +25,9 @@ search (auto rows) and to calibrate/prepare the plan (GPTQ, rotation statistics)
 With --tasks-items N the best (b) plan is also scored zero-shot on the eight shipped tasks
 (N seeded items each) against FP (the (b) auto search runs for it when b is not in --settings);
 with --planted DIR (``qdoctor plant`` output) the --planted-settings (default a,b; ``b@vllm:ampere``
-searches under that serve profile) are searched on the planted model and compared with the unplanted model's naive W8A8 (measured here when the
-setting itself is not in --settings; --settings "" runs the planted part alone).
+searches under that serve profile) are searched on the planted model and compared with the
+unplanted model's naive W8A8 (measured here when the setting itself is not in --settings;
+--settings "" runs the planted part alone).
 Prints one table per setting and writes everything to --json.
 """
 

@@ -157,7 +157,8 @@ def run(args) -> int:
                    "metric_seed": 1234 if args.metric_seed is None else args.metric_seed,
                    "task_data": args.task_data}
     max_frac = parse_percent(args.max_layers) / 100.0
-    if was_given(args, "polish") and not ({"mse", "gptq"} & set(parse_methods(args.methods)) or args.gptq):
+    methods = parse_methods(args.methods)
+    if was_given(args, "polish") and not ({"mse", "gptq"} & set(methods) or args.gptq):
         raise QDoctorError("--no-polish would be ignored: it only stops the free steps of --methods mse,gptq "
                            "or --gptq from running past the budget")
     start = None
@@ -174,7 +175,7 @@ def run(args) -> int:
                     calibration=CalibrationConfig(n_samples=args.calib_samples, seqlen=args.calib_seqlen,
                                                   source=args.calib_source, seed=args.seed,
                                                   sample_rows=args.sample_rows, holdout_fraction=0.2),
-                    metric=str(spec), gptq=GPTQConfig() if args.gptq else None, methods=parse_methods(args.methods),
+                    metric=str(spec), gptq=GPTQConfig() if args.gptq else None, methods=methods,
                     polish=args.polish,
                     **task_kw, **serve_kwargs(args),
                     cost_m=args.cost_m, gemm_table=args.gemm_table)

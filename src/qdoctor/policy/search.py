@@ -244,8 +244,8 @@ class Trial:
         return d
 
 
-# the keys of ``FixResult.to_dict`` (a recipe's ``metrics`` without "trials" and "seconds"); the model
-# card draws them as one table (``export.card.search_lines``)
+# the keys of ``FixResult.to_dict`` (a recipe's ``metrics`` hold them less "trials" and "seconds"); the
+# model card draws them as one table (``export.card.search_lines``)
 RESULT_KEYS = ("target", "budget_pct", "met", "fp_ppl", "naive_ppl", "planned_ppl", "planned_delta_pct",
                "naive_delta_pct", "fp_heldout_ppl", "metric", "budget", "budget_unit", "fp_value", "naive_value",
                "planned_value", "naive_delta", "planned_delta", "task_values", "layers_total", "layers_kept",
